@@ -248,6 +248,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if len(args) != len(value):
             raise ConfigError(f"{key} must have {len(args)} values, got {len(value)}: {value!r}")
         return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return {_coerce(args[0], k, f"{key}") : _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {value!r}")
@@ -267,7 +271,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     return value
 
 
-def from_dict(cls: type, data: Mapping[str, Any], path: str = "") -> Any:
+def from_dict(cls: type, data: Mapping[str, Any], path: str = "") -> Any:  # noqa: C901
     """Build dataclass ``cls`` from a mapping, rejecting unknown keys (named by dotted path)."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path or cls.__name__} must be a mapping, got {type(data).__name__}")
