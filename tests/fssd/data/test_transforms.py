@@ -154,8 +154,8 @@ def test_min_iou_crop_respects_constraint(min_iou: float) -> None:
     px = np.array([[30, 40, 250, 280], [200, 20, 390, 140], [10, 200, 60, 290]], dtype=np.float64)
     norm = px / np.array([w, h, w, h])
     crop = MinIoURandomCrop(modes=(min_iou,))
-    whole = 0
-    for seed in range(100):
+    whole, n = 0, 100
+    for seed in range(n):
         crop.set_random_state(np.random.default_rng(seed), random.Random(seed))
         rect = crop.get_params_dependent_on_data({"shape": (h, w, 3)}, {"bboxes": norm})["crop_coords"]
         if rect == (0, 0, w, h):
@@ -168,7 +168,7 @@ def test_min_iou_crop_respects_constraint(min_iou: float) -> None:
         inside = (cx > rect[0]) & (cx < rect[2]) & (cy > rect[1]) & (cy < rect[3])
         assert inside.any()
         assert _iou(px[inside], rect).max() >= min_iou
-    assert whole < 100  # the sampler does find crops for every mode here
+    assert whole < n  # the sampler does find crops for every mode here
 
 
 def test_min_iou_crop_unsatisfiable_falls_back_to_whole_image() -> None:
