@@ -42,6 +42,8 @@ class SourceParams:
     md5: str | None = None
     extract: bool = True
     filename: str | None = None
+    extract_to: str | None = None
+    mirrors: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
