@@ -6,10 +6,13 @@ Every stage reads params.yaml (``--params``) with dotted ``--set key=value`` ove
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
 import json
 import sys
+import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 __all__ = ["main"]
 
@@ -32,6 +35,47 @@ def _tuned_overrides(args: argparse.Namespace) -> dict[str, Any]:
     data = json.loads(best.read_text())
     cli_keys = set(parse_set(args.set or []))
     return {k: v for k, v in data.get("overrides", {}).items() if k not in cli_keys}
+
+
+def _timed_metrics(path: Path, started: float, extra: dict[str, Any]) -> None:
+    from .train import atomic_write_json
+
+    atomic_write_json(path, {**extra, "seconds": round(time.time() - started, 1)})
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from .download import run_download
+
+    started = time.time()
+    p = _params(args)
+    d = p.data
+    summary = run_download(
+        dataset=d.dataset, data_root=Path(d.root),
+        sources=[dataclasses.asdict(s) for s in d.sources],
+        synthetic_images=d.synthetic.num_images, synthetic_seed=d.synthetic.seed,
+        s3_endpoint_url=d.s3.endpoint_url, s3_profile=d.s3.profile,
+    )
+    _timed_metrics(Path(args.metrics_out), started, {"dataset": d.dataset, "files": len(summary["files"]),
+                                                     "bytes": summary["bytes"]})
+    print(f"[fssd] download: {len(summary['files'])} file(s), {summary['bytes'] / 1e6:.1f} MB in {d.root}/downloads")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert_dataset
+
+    started = time.time()
+    p = _params(args)
+    d = p.data
+    kind = d.dataset if d.dataset != "custom" else args.format
+    root = Path(d.root)
+    report = convert_dataset(kind, root / "raw", root / "processed", root, d.max_bad_fraction)
+    splits = report["splits"]
+    counts = {s: splits[s].get("images", 0) for s in splits}
+    _timed_metrics(Path(args.metrics_out), started, {"dataset": kind, "classes": len(report["classes"]),
+                                                     "images": counts})
+    print(f"[fssd] convert: {len(report['classes'])} classes, images per split {counts} -> {root}/processed")
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -76,19 +120,33 @@ def cmd_import_weights(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a dotted param for this run, e.g. --set train.epochs=2 (repeatable)")
 
 
+# Stage modules that add their own subcommands (add_cli(subparsers)).
+_STAGE_MODULES = ("tune", "evaluate", "register", "detect")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fssd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    commands: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+    p = sub.add_parser("download", help="fetch (or generate) the dataset into data/downloads and extract it to data/raw")
+    add_common(p)
+    p.add_argument("--metrics-out", default="metrics/download.json")
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("convert", help="convert data/raw into COCO-format split files in data/processed")
+    add_common(p)
+    p.add_argument("--format", default="voc2007", help="layout of a custom dataset (voc2007, voc2012, voc0712, coco2017)")
+    p.add_argument("--metrics-out", default="metrics/convert.json")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("train", help="train FSSD with Ray Train (DDP over workers and nodes)")
-    _add_common(p)
+    add_common(p)
     p.add_argument("--tuned", default="tune/best.json", help="tuned overrides applied when train.use_tuned")
     p.add_argument("--no-init-from-tune", dest="init_from_tune", action="store_false",
                    help="start from scratch instead of the best trial's checkpoint")
@@ -108,7 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=21)
     p.add_argument("--class-names", default=None, help="comma-separated object classes (no background)")
     p.set_defaults(func=cmd_import_weights)
-    del commands
+    for module in _STAGE_MODULES:
+        try:
+            mod = importlib.import_module(f"pipeline.{module}")
+        except ModuleNotFoundError as e:
+            if e.name != f"pipeline.{module}":
+                raise
+            continue
+        mod.add_cli(sub)
     return parser
 
 

@@ -187,7 +187,7 @@ class DetectionDataset(Dataset):
     def load_image(self, index: int) -> np.ndarray:
         """The RGB ``uint8`` image [H, W, 3] of sample ``index``."""
         path = self.image_path(index)
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
         if image is None:
             if not path.is_file():
                 raise FileNotFoundError(

@@ -1,0 +1,374 @@
+"""Raw trees -> COCO-format split files: determinism, anomalies, split rules, COCO 2017."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from pycocotools.coco import COCO
+
+from fssd.data.synthetic import CLASSES, generate_scenes
+from pipeline.convert import (
+    VOC_CLASSES,
+    ConversionError,
+    ImageHeaderError,
+    convert_coco,
+    convert_dataset,
+    convert_voc,
+    read_image_size,
+)
+
+BILLION_LAUGHS = """<?xml version="1.0"?>
+<!DOCTYPE lolz [
+ <!ENTITY lol "lol">
+ <!ENTITY lol1 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">
+ <!ENTITY lol2 "&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;">
+ <!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">
+ <!ENTITY lol4 "&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;">
+ <!ENTITY lol5 "&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;">
+ <!ENTITY lol6 "&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;">
+ <!ENTITY lol7 "&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;">
+ <!ENTITY lol8 "&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;">
+ <!ENTITY lol9 "&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;">
+]>
+<annotation><size><width>64</width><height>48</height></size>
+<object><name>&lol9;</name><difficult>0</difficult>
+<bndbox><xmin>1</xmin><ymin>1</ymin><xmax>5</xmax><ymax>5</ymax></bndbox></object>
+</annotation>
+"""
+
+XXE = """<?xml version="1.0"?>
+<!DOCTYPE annotation [<!ENTITY xxe SYSTEM "file:///etc/passwd">]>
+<annotation><size><width>64</width><height>48</height></size>
+<object><name>&xxe;</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>5</xmax><ymax>5</ymax></bndbox></object>
+</annotation>
+"""
+
+
+def _xml(w: int, h: int, objects: list[tuple], size: bool = True) -> str:
+    parts = ["<annotation>", "<folder>VOC2007</folder>"]
+    if size:
+        parts.append(f"<size><width>{w}</width><height>{h}</height><depth>3</depth></size>")
+    for name, box, difficult in objects:
+        parts.append(
+            f"<object><name>{name}</name><pose>Unspecified</pose><truncated>0</truncated>"
+            f"<difficult>{difficult}</difficult><bndbox><xmin>{box[0]}</xmin><ymin>{box[1]}</ymin>"
+            f"<xmax>{box[2]}</xmax><ymax>{box[3]}</ymax></bndbox></object>"
+        )
+    parts.append("</annotation>")
+    return "\n".join(parts)
+
+
+def _jpeg(w: int, h: int, seed: int = 0) -> bytes:
+    img = np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
+    ok, buf = cv2.imencode(".jpg", img)
+    assert ok
+    return buf.tobytes()
+
+
+def _voc_tree(root: Path, year: str, items: dict[str, tuple[str | None, bytes | None]], sets: dict[str, list[str]]) -> Path:
+    """A VOC tree under root/VOCdevkit/VOC<year>; items: id -> (xml text or None, image or None)."""
+    d = root / "VOCdevkit" / f"VOC{year}"
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (d / sub).mkdir(parents=True, exist_ok=True)
+    for image_id, (xml, img) in items.items():
+        if xml is not None:
+            (d / "Annotations" / f"{image_id}.xml").write_text(xml)
+        if img is not None:
+            (d / "JPEGImages" / f"{image_id}.jpg").write_bytes(img)
+    for name, ids in sets.items():
+        (d / "ImageSets" / "Main" / f"{name}.txt").write_text("".join(f"{i}\n" for i in ids))
+    return d
+
+
+@pytest.fixture
+def messy_voc(tmp_path) -> Path:
+    """data root with raw/VOCdevkit/VOC2007 holding one of each problem."""
+    good = _jpeg(64, 48)
+    items = {
+        "000001": (
+            _xml(64, 48, [
+                ("dog", (1, 1, 10, 20), 1),        # difficult -> ignore
+                ("person", (5, 6, 64, 48), 0),      # exactly the full extent: not clipped
+                ("cat", (50, 40, 80, 60), 0),       # outside -> clipped
+                ("cow", (30, 10, 20, 30), 0),       # xmax < xmin -> degenerate
+                ("unicorn", (2, 2, 8, 8), 0),       # unknown class
+                ("bird", ("abc", 1, 4, 4), 0),      # malformed
+                ("horse", (70, 50, 90, 60), 0),     # entirely outside -> degenerate after clip
+            ]),
+            good,
+        ),
+        "000002": (BILLION_LAUGHS, good),
+        "000003": (_xml(64, 48, [("dog", (1, 1, 5, 5), 0)]), good[: len(good) // 2]),  # truncated
+        "000004": (_xml(100, 100, [("dog", (1, 1, 5, 5), 0)]), good),  # size mismatch
+        "000005": (_xml(64, 48, [("dog", (1, 1, 5, 5), 0)]), None),  # image missing
+        "000006": (None, good),  # annotation missing
+        "000007": (_xml(64, 48, [("unicorn", (1, 1, 5, 5), 0)]), good),  # no objects left
+        "000008": (XXE, good),
+        "000009": (_xml(64, 48, [("car", (3, 4, 5, 9), 0)], size=False), good),  # size from image
+        "000010": ("<annotation><size>", good),  # unparsable
+    }
+    ids = sorted(items)
+    _voc_tree(tmp_path / "raw", "2007", items, {"test": ids})
+    return tmp_path
+
+
+@pytest.mark.timeout(60)
+def test_voc_anomalies_are_counted(messy_voc, tmp_path):
+    out = tmp_path / "out" / "test.json"
+    report = convert_voc(messy_voc, [("raw/VOCdevkit/VOC2007", "test")], out)
+    r = report.to_dict()
+    counts = {k: v["count"] for k, v in r["anomalies"].items()}
+    assert counts == {
+        "annotation_unparsable": 3,
+        "annotation_missing": 1,
+        "image_unreadable": 1,
+        "size_mismatch": 1,
+        "image_missing": 1,
+        "box_clipped": 1,
+        "box_degenerate": 2,
+        "unknown_class": 2,
+        "box_malformed": 1,
+        "image_no_objects": 1,
+        "size_from_image": 1,
+    }
+    ex = r["anomalies"]
+    assert any("raw/VOCdevkit/VOC2007/Annotations/000002.xml" in e for e in ex["annotation_unparsable"]["examples"])
+    assert any("000008.xml" in e for e in ex["annotation_unparsable"]["examples"])
+    assert ex["image_unreadable"]["examples"] == ["raw/VOCdevkit/VOC2007/JPEGImages/000003.jpg"]
+    assert ex["annotation_missing"]["examples"] == ["raw/VOCdevkit/VOC2007/Annotations/000006.xml"]
+    assert r["images_listed"] == 10 and r["bad_images"] == 7 and r["images_written"] == 3
+    assert r["sources"] == ["raw/VOCdevkit/VOC2007:test"]
+
+    coco = json.loads(out.read_text())
+    assert [im["file_name"] for im in coco["images"]] == [
+        f"raw/VOCdevkit/VOC2007/JPEGImages/{i}.jpg" for i in ("000001", "000007", "000009")
+    ]
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    assert [names[i] for i in range(1, 21)] == list(VOC_CLASSES)
+    by_img = {}
+    for a in coco["annotations"]:
+        by_img.setdefault(a["image_id"], []).append((names[a["category_id"]], a["bbox"], a["area"], a["ignore"], a["iscrowd"]))
+    first = by_img[1]
+    assert first == [
+        ("dog", [0.0, 0.0, 10.0, 20.0], 200.0, 1, 0),  # 1-based inclusive -> x = xmin - 1, w = xmax - x
+        ("person", [4.0, 5.0, 60.0, 43.0], 2580.0, 0, 0),
+        ("cat", [49.0, 39.0, 15.0, 9.0], 135.0, 0, 0),
+    ]
+    img9 = next(im for im in coco["images"] if im["file_name"].endswith("000009.jpg"))
+    assert (img9["width"], img9["height"]) == (64, 48)
+    assert by_img[img9["id"]] == [("car", [2.0, 3.0, 3.0, 6.0], 18.0, 0, 0)]
+    assert [im["id"] for im in coco["images"]] == [1, 2, 3]
+    assert by_img.get(2) is None  # 000007 kept without objects (keep_empty)
+    assert COCO(str(out)).getImgIds() == [im["id"] for im in coco["images"]]
+
+
+def test_voc_too_many_bad_images_fails_naming_files(messy_voc, tmp_path):
+    out = tmp_path / "out" / "test.json"
+    with pytest.raises(ConversionError) as exc:
+        convert_voc(messy_voc, [("raw/VOCdevkit/VOC2007", "test")], out, max_bad_fraction=0.5)
+    msg = str(exc.value)
+    assert "7 of 10 images are bad" in msg
+    assert "raw/VOCdevkit/VOC2007/Annotations/000002.xml" in msg
+    assert "raw/VOCdevkit/VOC2007/JPEGImages/000003.jpg" in msg
+    assert "max_bad_fraction" in msg
+    assert isinstance(exc.value, ValueError)
+    assert not out.exists()
+    convert_voc(messy_voc, [("raw/VOCdevkit/VOC2007", "test")], out, max_bad_fraction=0.7)
+    assert out.exists()
+
+
+def test_missing_image_set_is_a_clear_error(tmp_path):
+    with pytest.raises(ConversionError, match="ImageSets/Main/trainval.txt"):
+        convert_voc(tmp_path, [("raw/VOCdevkit/VOC2007", "trainval")], tmp_path / "x.json")
+    with pytest.raises(ConversionError, match="PASCAL VOC 2007 not found"):
+        convert_dataset("voc2007", tmp_path / "raw", tmp_path / "processed", tmp_path, 0.01)
+    with pytest.raises(ValueError, match="unknown dataset kind"):
+        convert_dataset("imagenet", tmp_path / "raw", tmp_path / "processed", tmp_path, 0.01)
+    with pytest.raises(ConversionError, match="not inside the data root"):
+        convert_dataset("synthetic", tmp_path.parent, tmp_path / "processed", tmp_path, 0.01)
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    generate_scenes(root / "raw" / "synthetic", 30, seed=1, workers=1)
+    return root
+
+
+def test_synthetic_conversion_is_byte_identical(synthetic_root, tmp_path):
+    outs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        report = convert_dataset("synthetic", synthetic_root / "raw", out, synthetic_root, 0.0)
+        assert report["ok"] and report["classes"] == list(CLASSES)
+        outs.append({p.name: p.read_bytes() for p in sorted(out.iterdir())})
+    assert sorted(outs[0]) == ["report.json", "test.json", "train.json", "val.json"]
+    assert outs[0] == outs[1]
+    for name, data in outs[0].items():
+        text = data.decode()
+        assert text.endswith("}\n") and "\n" not in text[:-1] and ": " not in text
+        assert json.dumps(json.loads(text), sort_keys=True, separators=(",", ":")) + "\n" == text
+
+    splits = {s: json.loads(outs[0][f"{s}.json"]) for s in ("train", "val", "test")}
+    assert [len(splits[s]["images"]) for s in ("train", "val", "test")] == [24, 3, 3]
+    train = splits["train"]
+    assert train["categories"] == [
+        {"id": i + 1, "name": n, "supercategory": "none"} for i, n in enumerate(CLASSES)
+    ]
+    assert all(im["file_name"].startswith("raw/synthetic/JPEGImages/") for im in train["images"])
+    assert (synthetic_root / train["images"][0]["file_name"]).is_file()
+    assert [a["id"] for a in train["annotations"]] == list(range(1, len(train["annotations"]) + 1))
+    n_ignored = sum(a["ignore"] for s in splits.values() for a in s["annotations"])
+    assert n_ignored == sum(report["splits"][s]["ignored"] for s in splits)
+    coco = COCO(str(tmp_path / "a" / "train.json"))
+    assert len(coco.getImgIds()) == 24 and len(coco.getCatIds()) == len(CLASSES)
+
+
+def test_dataset_failure_keeps_previous_outputs(synthetic_root, tmp_path):
+    out = tmp_path / "processed"
+    convert_dataset("synthetic", synthetic_root / "raw", out, synthetic_root, 0.0)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    ids = (synthetic_root / "raw/synthetic/ImageSets/Main/val.txt").read_text().split()
+    victim = synthetic_root / "raw/synthetic/JPEGImages" / f"{ids[0]}.jpg"
+    saved = victim.read_bytes()
+    try:
+        victim.write_bytes(saved[:200])
+        with pytest.raises(ConversionError) as exc:
+            convert_dataset("synthetic", synthetic_root / "raw", out, synthetic_root, 0.2)
+        assert f"raw/synthetic/JPEGImages/{ids[0]}.jpg" in str(exc.value) and "'val'" in str(exc.value)
+        failed = json.loads((out / "report.failed.json").read_text())
+        assert failed["ok"] is False and failed["splits"]["val"]["bad_images"] == 1
+        after = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "report.failed.json"}
+        assert after == before
+        # within the tolerance: converted, the image dropped and counted
+        report = convert_dataset("synthetic", synthetic_root / "raw", out, synthetic_root, 0.5)
+        assert report["splits"]["val"]["anomalies"]["image_unreadable"]["count"] == 1
+        assert not (out / "report.failed.json").exists()
+    finally:
+        victim.write_bytes(saved)
+
+
+def test_voc0712_split_rules(tmp_path):
+    img = _jpeg(40, 30)
+    obj = _xml(40, 30, [("car", (2, 2, 20, 20), 0)])
+    empty = _xml(40, 30, [])
+    raw = tmp_path / "raw"
+    _voc_tree(raw, "2007", {f"00000{i}": (obj if i != 3 else empty, img) for i in range(1, 10)},
+              {"trainval": ["000001", "000002", "000003"], "train": ["000001", "000003"], "val": ["000002"],
+               "test": [f"00000{i}" for i in range(4, 10)]})
+    _voc_tree(raw, "2012", {"2008_000001": (obj, img), "2008_000002": (obj, img)},
+              {"trainval": ["2008_000001", "2008_000002"], "train": ["2008_000001"], "val": ["2008_000002"]})
+
+    def files(out, split):
+        return [im["file_name"].split("/")[-1] for im in json.loads((out / f"{split}.json").read_text())["images"]]
+
+    r = convert_dataset("voc0712", raw, tmp_path / "p0712", tmp_path, 0.0, val_max_images=3)
+    out = tmp_path / "p0712"
+    # train = 07 trainval + 12 trainval (the empty 000003 dropped from train), test = 07 test
+    assert files(out, "train") == ["000001.jpg", "000002.jpg", "2008_000001.jpg", "2008_000002.jpg"]
+    assert r["splits"]["train"]["anomalies"]["empty_image_dropped"]["examples"] == [
+        "raw/VOCdevkit/VOC2007/JPEGImages/000003.jpg"
+    ]
+    assert files(out, "test") == [f"00000{i}.jpg" for i in range(4, 10)]
+    assert files(out, "val") == ["000004.jpg", "000006.jpg", "000008.jpg"]  # evenly spaced subset
+    assert r["splits"]["train"]["sources"] == ["raw/VOCdevkit/VOC2007:trainval", "raw/VOCdevkit/VOC2012:trainval"]
+
+    convert_dataset("voc2007", raw, tmp_path / "p07", tmp_path, 0.0)
+    assert files(tmp_path / "p07", "train") == ["000001.jpg"]
+    r07 = json.loads((tmp_path / "p07" / "report.json").read_text())
+    assert r07["splits"]["train"]["anomalies"]["image_no_objects"]["count"] == 1
+    assert files(tmp_path / "p07", "val") == ["000002.jpg"]
+    convert_dataset("voc2012", raw, tmp_path / "p12", tmp_path, 0.0)
+    assert files(tmp_path / "p12", "test") == files(tmp_path / "p12", "val") == ["2008_000002.jpg"]
+
+
+def _coco_tree(root: Path) -> Path:
+    coco_root = root / "raw" / "coco"
+    (coco_root / "annotations").mkdir(parents=True)
+    for split in ("train2017", "val2017"):
+        (coco_root / split).mkdir()
+        (coco_root / split / "000000000009.jpg").write_bytes(_jpeg(64, 48, 1))
+        (coco_root / split / "000000000025.jpg").write_bytes(_jpeg(32, 32, 2))
+    instances = {
+        "info": {}, "licenses": [],
+        "categories": [
+            {"id": 90, "name": "toothbrush", "supercategory": "indoor"},
+            {"id": 1, "name": "person", "supercategory": "person"},
+            {"id": 3, "name": "car", "supercategory": "vehicle"},
+        ],
+        "images": [
+            {"id": 25, "file_name": "000000000025.jpg", "width": 32, "height": 32},
+            {"id": 9, "file_name": "000000000009.jpg", "width": 64, "height": 48},
+            {"id": 30, "file_name": "000000000030.jpg", "width": 10, "height": 10},  # missing
+        ],
+        "annotations": [
+            {"id": 7, "image_id": 9, "category_id": 90, "bbox": [1.5, 2.0, 10.25, 5.0], "area": 3.0, "iscrowd": 0,
+             "segmentation": [[1, 2, 3, 4]]},
+            {"id": 5, "image_id": 9, "category_id": 1, "bbox": [60.0, 40.0, 10.0, 10.0], "area": 100.0, "iscrowd": 0},
+            {"id": 6, "image_id": 9, "category_id": 3, "bbox": [0, 0, 64, 48], "area": 3072, "iscrowd": 1,
+             "segmentation": {"counts": [], "size": [48, 64]}},
+            {"id": 8, "image_id": 9, "category_id": 2, "bbox": [0, 0, 4, 4], "area": 16, "iscrowd": 0},
+            {"id": 10, "image_id": 9, "category_id": 1, "bbox": [5, 5, 0, 4], "area": 0, "iscrowd": 0},
+            {"id": 11, "image_id": 12345, "category_id": 1, "bbox": [0, 0, 4, 4], "area": 16, "iscrowd": 0},
+        ],
+    }
+    for split in ("train2017", "val2017"):
+        (coco_root / "annotations" / f"instances_{split}.json").write_text(json.dumps(instances))
+    return coco_root
+
+
+def test_coco_contiguous_ids(tmp_path):
+    _coco_tree(tmp_path)
+    out = tmp_path / "val.json"
+    report = convert_coco(tmp_path, "raw/coco/annotations/instances_val2017.json", "raw/coco/val2017", out)
+    coco = json.loads(out.read_text())
+    assert coco["categories"] == [
+        {"id": 1, "name": "person", "supercategory": "person"},
+        {"id": 2, "name": "car", "supercategory": "vehicle"},
+        {"id": 3, "name": "toothbrush", "supercategory": "indoor"},
+    ]
+    assert [(im["id"], im["file_name"]) for im in coco["images"]] == [
+        (9, "raw/coco/val2017/000000000009.jpg"), (25, "raw/coco/val2017/000000000025.jpg")
+    ]
+    anns = {a["id"]: a for a in coco["annotations"]}
+    assert sorted(anns) == [5, 6, 7]
+    assert anns[7]["category_id"] == 3 and anns[7]["bbox"] == [1.5, 2.0, 10.25, 5.0] and anns[7]["area"] == 51.25
+    assert anns[5]["category_id"] == 1 and anns[5]["bbox"] == [60.0, 40.0, 4.0, 8.0]  # clipped
+    assert anns[6]["iscrowd"] == 1 and anns[6]["ignore"] == 1 and anns[6]["category_id"] == 2
+    assert "segmentation" not in anns[7]
+    counts = {k: v["count"] for k, v in report.to_dict()["anomalies"].items()}
+    assert counts == {"image_missing": 1, "box_clipped": 1, "unknown_class": 1, "box_degenerate": 1,
+                      "annotation_orphan": 1, "image_no_objects": 1}
+    loaded = COCO(str(out))
+    assert loaded.getCatIds() == [1, 2, 3] and sorted(loaded.getImgIds()) == [9, 25]
+
+    r = convert_dataset("coco2017", tmp_path / "raw", tmp_path / "processed", tmp_path, 0.5)
+    assert r["classes"] == ["person", "car", "toothbrush"]
+    train = json.loads((tmp_path / "processed" / "train.json").read_text())
+    assert [im["id"] for im in train["images"]] == [9]  # the empty image is dropped from train
+    test = json.loads((tmp_path / "processed" / "test.json").read_text())
+    assert [im["file_name"] for im in test["images"]] == [
+        "raw/coco/val2017/000000000009.jpg", "raw/coco/val2017/000000000025.jpg"
+    ]
+
+
+def test_read_image_size(tmp_path):
+    jpg = tmp_path / "a.jpg"
+    jpg.write_bytes(_jpeg(37, 21))
+    assert read_image_size(jpg) == (37, 21)
+    ok, png = cv2.imencode(".png", np.zeros((13, 17, 3), np.uint8))
+    (tmp_path / "a.png").write_bytes(png.tobytes())
+    assert read_image_size(tmp_path / "a.png") == (17, 13)
+    (tmp_path / "trailing.jpg").write_bytes(_jpeg(37, 21) + b"\0" * 200)  # data after EOI: still fine
+    assert read_image_size(tmp_path / "trailing.jpg") == (37, 21)
+    for name, data in [("t.png", png.tobytes()[:-30]), ("t.jpg", _jpeg(37, 21)[:-10]),
+                       ("h.jpg", _jpeg(37, 21)[:30]), ("x.jpg", b"not an image"), ("e.jpg", b"")]:
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ImageHeaderError):
+            read_image_size(tmp_path / name)
+    with pytest.raises(FileNotFoundError):
+        read_image_size(tmp_path / "missing.jpg")
