@@ -71,7 +71,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     root = Path(d.root)
     report = convert_dataset(kind, root / "raw", root / "processed", root, d.max_bad_fraction)
     splits = report["splits"]
-    counts = {s: splits[s].get("images", 0) for s in splits}
+    counts = {s: splits[s]["images_written"] for s in splits}
     _timed_metrics(Path(args.metrics_out), started, {"dataset": kind, "classes": len(report["classes"]),
                                                      "images": counts})
     print(f"[fssd] convert: {len(report['classes'])} classes, images per split {counts} -> {root}/processed")

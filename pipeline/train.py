@@ -383,13 +383,16 @@ def init_ray() -> None:
     """Join the cluster at RAY_ADDRESS (as under `ray job submit`), else start a local Ray."""
     import ray
 
+    # Worker prints reach the console once (Ray Train's print patch would log them twice).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=True)
+        # The dashboard serves the State API that Ray Train's placement-group cleaner polls.
+        ray.init(num_cpus=os.cpu_count() or 1, dashboard_host="127.0.0.1", log_to_driver=True)
 
 
 def storage(storage_path: str, endpoint_url: str | None) -> tuple[str, Any]:

@@ -51,7 +51,7 @@ PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
             input_size=256,
             backbone="lite",
             fusion_channels=64,
-            pyramid=((128, 3, 1, 1), (128, 3, 2, 1), (128, 3, 2, 1), (64, 3, 2, 1), (64, 3, 2, 1), (64, 3, 2, 1)),
+            pyramid=((64, 3, 1, 1), (128, 3, 2, 1), (128, 3, 2, 1), (64, 3, 2, 1), (64, 3, 2, 1), (64, 3, 2, 1)),
         ),
         dict(min_scale=0.2, max_scale=0.88, aspect_ratios=((2, 3), (2, 3), (2, 3), (2, 3), (2,), (2,))),
     ),
