@@ -173,14 +173,20 @@ def train_one_epoch(
     channels_last: bool = False,
     max_bad_steps: int = 20,
     on_step: Callable[[int, EpochStats], None] | None = None,
+    freeze_bn: bool = False,
 ) -> EpochStats:
     """One pass over ``loader`` (batches from :func:`fssd.data.detection_collate`).
 
     A step whose loss is NaN/Inf on any rank is skipped on all ranks and counted; after
-    ``max_bad_steps`` consecutive bad steps :class:`BadStepsError` is raised. Returns the
-    epoch's averages (local to this rank).
+    ``max_bad_steps`` consecutive bad steps :class:`BadStepsError` is raised. ``freeze_bn`` keeps
+    BatchNorm layers in eval mode (fixed running statistics). Returns the epoch's averages
+    (local to this rank).
     """
     model.train()
+    if freeze_bn:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
     stats = EpochStats()
     sums = torch.zeros(3, dtype=torch.float64)
     start = time.perf_counter()

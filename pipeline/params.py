@@ -116,7 +116,7 @@ class TrainParams:
     use_gpu: bool = False
     cpus_per_worker: float | None = None
     loader_workers: int = 1
-    storage_path: str = "ray_results"
+    storage_path: str = "ray_results/train"
     run_name: str | None = None
     keep_checkpoints: int = 2
     max_failures: int = 1
@@ -125,6 +125,7 @@ class TrainParams:
     amp_dtype: str = "bfloat16"
     channels_last: bool = True
     sync_bn: bool = False
+    freeze_bn: bool = False
     ema: bool = False
     ema_decay: float = 0.9998
     val_every: int = 2
@@ -150,6 +151,9 @@ class TrainParams:
             raise ParamsError("train.warmup_epochs must be >= 0 and train.warmup_factor in (0, 1]")
         if self.loader_workers < 0 or self.max_failures < -1:
             raise ParamsError("train.loader_workers must be >= 0 and train.max_failures >= -1")
+        if self.sync_bn and not self.use_gpu:
+            raise ParamsError("train.sync_bn needs train.use_gpu (torch's SyncBatchNorm runs on GPUs only); "
+                              "on CPU set train.freeze_bn: true to make BatchNorm independent of the per-worker batch")
         if not 0 < self.ema_decay < 1:
             raise ParamsError(f"train.ema_decay must be in (0, 1), got {self.ema_decay!r}")
 
@@ -173,7 +177,7 @@ class TuneParams:
     scheduler: SchedulerParams = field(default_factory=SchedulerParams)
     num_workers: int = 1
     cpus_per_worker: float | None = None
-    storage_path: str = "ray_results"
+    storage_path: str = "ray_results/tune"
     space: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from fssd.checkpoint import load_checkpoint, save_checkpoint
-from fssd.config import DetectorConfig
+from fssd.config import DetectorConfig, PostprocessConfig
 from fssd.models.presets import build_detector
 
 from .params import Params, TrainParams, detector_config, flatten
@@ -87,7 +87,8 @@ def make_job(params: Params, *, epochs: int | None = None, init_checkpoint: str 
     processed = root / "processed"
     train_json, val_json = processed / "train.json", processed / "val.json"
     names, cat_ids = read_categories(train_json)
-    cfg = detector_config(params, num_classes=len(names) + 1)
+    # Post-processing thresholds are evaluation settings, not part of what training produces.
+    cfg = dataclasses.replace(detector_config(params, num_classes=len(names) + 1), postprocess=PostprocessConfig())
     train = dataclasses.asdict(params.train)
     epochs = epochs or params.train.epochs
     # The name changes whenever something that changes the result changes, so re-running the
@@ -286,7 +287,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         stats = train_one_epoch(
             ddp, train_loader, criterion, optimizer, scheduler, state, device=device, amp_dtype=amp_dtype,
             scaler=scaler, grad_clip=tp.grad_clip, ema=ema, channels_last=channels_last,
-            max_bad_steps=tp.max_bad_steps, on_step=on_step,
+            max_bad_steps=tp.max_bad_steps, on_step=on_step, freeze_bn=tp.freeze_bn,
         )
         if bar is not None:
             bar.close()
