@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -35,6 +36,9 @@ from . import tracking
 __all__ = ["TrainJob", "make_job", "run_training", "train_loop_per_worker", "MlflowEpochLogger"]
 
 CHECKPOINT_FILE = "checkpoint.pt"
+
+# Worker messages go through Ray Train's logger, which reaches the driver's console once.
+log = logging.getLogger("ray.train.fssd")
 
 
 @dataclass
@@ -258,12 +262,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         rng = tr["rng"][rank] if rank < len(tr["rng"]) else tr["rng"][0]
         _set_rng_state(rng)
         if rank == 0:
-            print(f"[fssd] resumed {job.run_name} from epoch {tr['epoch'] + 1}/{job.epochs}", flush=True)
+            log.info(f"[fssd] resumed {job.run_name} from epoch {tr['epoch'] + 2}/{job.epochs}")
     elif job.init_checkpoint:
         payload = load_checkpoint(job.init_checkpoint, map_location=device)
         model.load_state_dict(payload["model"])
         if rank == 0:
-            print(f"[fssd] initialised from {job.init_checkpoint}", flush=True)
+            log.info(f"[fssd] initialised from {job.init_checkpoint}")
 
     progress = None
     if job.progress and rank == 0:
@@ -317,7 +321,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 line += f" val mAP@0.5 {last_map:.4f}"
             if stats.bad_steps:
                 line += f" skipped {stats.bad_steps} non-finite steps"
-            print(line, flush=True)
+            log.info(line)
         rngs = [None] * world
         if world > 1:
             torch.distributed.all_gather_object(rngs, _rng_state())
@@ -384,8 +388,6 @@ def init_ray() -> None:
     """Join the cluster at RAY_ADDRESS (as under `ray job submit`), else start a local Ray."""
     import ray
 
-    # Worker prints reach the console once (Ray Train's print patch would log them twice).
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
