@@ -103,6 +103,12 @@ def load_predictor(
         from .tracking import resolve_tracking_uri
 
         uri = resolve_tracking_uri(tracking_uri or "sqlite:///mlflow.db")
+        if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+            # MLflow would create an empty store there; say where we looked instead
+            raise ModelLoadError(
+                f"cannot load model {model!r}: there is no MLflow store at {uri[len('sqlite:///'):]}; run from the "
+                "project root (where mlflow.db is) or set MLFLOW_TRACKING_URI / mlflow.tracking_uri"
+            )
         tmp = Path(tempfile.mkdtemp(prefix="fssd-detect-"))
         try:
             try:

@@ -30,12 +30,13 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-import numpy as np
-import torch
+if TYPE_CHECKING:  # torch, numpy and the params module load on use: `fssd --help` stays fast
+    import numpy as np
+    import torch
 
-from .params import Params, load_params, parse_set
+    from .params import Params
 
 __all__ = [
     "run_evaluate",
@@ -82,6 +83,8 @@ def _json_value(v: Any) -> Any:
 
 def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU model (``/proc/cpuinfo``, else ``platform``) with its core count."""
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     model = None
@@ -97,6 +100,8 @@ def device_name(device: torch.device) -> str:
 
 
 def _sync(device: torch.device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -117,6 +122,8 @@ def measure_speed(
     gets one warm-up call, then at least ``min_iters`` timed calls and at least ``min_seconds``.
     Batches are filled by repeating ``images`` when there are fewer of them.
     """
+    import numpy as np
+
     if not images:
         raise ValueError("measure_speed needs at least one image")
     sizes = sorted({int(b) for b in batch_sizes if int(b) >= 1})
@@ -152,6 +159,8 @@ def measure_speed(
 def pr_curve_rows(voc: Any, max_points: int = MAX_PR_POINTS) -> list[tuple[str, float, float]]:
     """``(class, recall, precision)`` rows of every class with detections, each curve cut to at
     most ``max_points`` points (evenly spaced along the detections, first and last kept)."""
+    import numpy as np
+
     rows: list[tuple[str, float, float]] = []
     for cat, name in voc.category_names.items():
         rec, prec = np.asarray(voc.recall[cat]), np.asarray(voc.precision[cat])
@@ -230,6 +239,7 @@ def _write_pr_csv(path: Path, rows: list[tuple[str, float, float]]) -> None:
 
 
 def _write_pr_png(path: Path, voc07: Any) -> None:
+    import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -270,6 +280,8 @@ def _draw_examples(
     num_draw: int,
 ) -> list[Path]:
     """Draw the first ``num_draw`` test images with their detections into ``out_dir`` (replaced)."""
+    import numpy as np
+
     from fssd.predictor import draw_detections, write_image
 
     label_of = {c: i + 1 for i, c in enumerate(category_ids)}
@@ -404,6 +416,7 @@ def run_evaluate(
         num_workers: DataLoader processes (default ``train.loader_workers``).
         speed_batch_sizes, speed_min_seconds: the speed measurement (:func:`measure_speed`).
     """
+    import torch
     from torch.utils.data import DataLoader
 
     from fssd.checkpoint import load_model
@@ -442,12 +455,16 @@ def run_evaluate(
     workers = params.train.loader_workers if num_workers is None else num_workers
     loader = DataLoader(dataset, batch_size=ev.batch_size, shuffle=False, num_workers=workers,
                         collate_fn=detection_collate, pin_memory=cuda)
+    # CUDA only: the training run's autocast dtype and memory format
     amp_dtype = getattr(torch, params.train.amp_dtype) if (params.train.amp and cuda) else None
+    channels_last = bool(params.train.channels_last and cuda)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
 
     detections = predict(
         model, loader, device=dev, score_threshold=ev.score_threshold, nms_threshold=ev.nms_threshold,
         top_k_per_class=ev.top_k_per_class, max_detections=ev.max_detections, amp_dtype=amp_dtype,
-        category_ids=category_ids,
+        channels_last=channels_last, category_ids=category_ids,
     )
     voc07 = voc_map(test_json, detections, iou_threshold=0.5, use_07_metric=True)
     area = voc_map(test_json, detections, iou_threshold=0.5, use_07_metric=False)
@@ -457,7 +474,7 @@ def run_evaluate(
     predictor = Predictor(
         model, class_names, device=dev, score_threshold=ev.score_threshold, nms_threshold=ev.nms_threshold,
         top_k_per_class=ev.top_k_per_class, max_detections=ev.max_detections,
-        amp=bool(params.train.amp and params.train.amp_dtype == "bfloat16"),
+        amp=amp_dtype is not None, amp_dtype=amp_dtype or torch.bfloat16, channels_last=channels_last,
     )
     n_speed = min(len(dataset), max(int(b) for b in speed_batch_sizes))
     speed_images = [dataset.load_image(i) for i in range(n_speed)]
@@ -504,18 +521,24 @@ def run_evaluate(
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    params = load_params(args.params, parse_set(args.set or []))
-    metrics = run_evaluate(
-        params,
-        checkpoint=Path(args.checkpoint),
-        out_metrics=Path(args.metrics_out),
-        plots_dir=Path(args.plots_dir),
-        train_metrics=Path(args.train_metrics),
-        log_mlflow=not args.no_mlflow,
-        device=args.device,
-        speed_batch_sizes=args.speed_batch_sizes,
-        speed_min_seconds=args.speed_seconds,
-    )
+    from .params import load_params, parse_set
+
+    try:
+        params = load_params(args.params, parse_set(args.set or []))
+        metrics = run_evaluate(
+            params,
+            checkpoint=Path(args.checkpoint),
+            out_metrics=Path(args.metrics_out),
+            plots_dir=Path(args.plots_dir),
+            train_metrics=Path(args.train_metrics),
+            log_mlflow=not args.no_mlflow,
+            device=args.device,
+            speed_batch_sizes=args.speed_batch_sizes,
+            speed_min_seconds=args.speed_seconds,
+        )
+    except (ValueError, FileNotFoundError) as e:  # bad params, checkpoint or split: the message names it
+        print(f"fssd evaluate: error: {e}", file=sys.stderr, flush=True)
+        return 2
 
     def pct(v: Any) -> str:
         return "n/a" if v is None else f"{100 * v:.2f}"

@@ -28,13 +28,15 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import contextlib
 import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 __all__ = [
     "FSSDPyfuncModel",
@@ -131,18 +133,10 @@ def detections_frame(detections: list[dict[str, Any]]):
 
 
 def _define_pyfunc_model() -> type:
-    import warnings
-
     import mlflow.pyfunc
+    import pandas as pd
 
-    with warnings.catch_warnings():
-        # the explicit signature does the input validation: no type hints on predict, on purpose
-        warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*", category=UserWarning)
-        return _pyfunc_model_class(mlflow.pyfunc.PythonModel)
-
-
-def _pyfunc_model_class(base: type) -> type:
-    class FSSDPyfuncModel(base):
+    class FSSDPyfuncModel(mlflow.pyfunc.PythonModel):
         """MLflow pyfunc wrapper of :class:`fssd.predictor.Predictor` (see the module docstring)."""
 
         def load_context(self, context):
@@ -157,6 +151,10 @@ def _pyfunc_model_class(base: type) -> type:
             threshold = (params or {}).get("score_threshold")
             dets = self.predictor.predict(images, score_threshold=None if threshold is None else float(threshold))
             return detections_frame(dets)
+
+        # A DataFrame hint (a real object: this module's annotations are strings) tells MLflow not
+        # to infer a schema from type hints; the explicit signature validates the input.
+        predict.__annotations__ = {"model_input": pd.DataFrame}
 
     FSSDPyfuncModel.__qualname__ = "FSSDPyfuncModel"
     FSSDPyfuncModel.__module__ = __name__
@@ -277,6 +275,49 @@ def _atomic_write_json(path: Path, data: Any) -> None:
             tmp.unlink()
 
 
+@contextlib.contextmanager
+def _fluent_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (start_run, log_model) at ``uri`` for a while, then put back both
+    the global URI and ``MLFLOW_TRACKING_URI`` exactly as they were (``mlflow.set_tracking_uri``
+    alone would leave them changed for the rest of the process)."""
+    import mlflow
+
+    if mlflow.get_tracking_uri() == uri:
+        yield
+        return
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    old_global = getattr(tracking_utils, "_tracking_uri", None)
+    old_env = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(old_global)
+        if old_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old_env
+
+
+def _log_model(mlflow: Any, uri: str, run_id: str, name: str, checkpoint: Path, payload: Mapping[str, Any]) -> Any:
+    """``mlflow.pyfunc.log_model`` of the FSSD pyfunc under ``run_id``, registered as ``name``."""
+    cfg = payload["config"]
+    with _fluent_tracking_uri(uri), mlflow.start_run(run_id=run_id):
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=_pyfunc_class()(),
+            artifacts={CHECKPOINT_ARTIFACT: str(checkpoint)},
+            code_paths=[str(_REPO_PACKAGES / "fssd"), str(_REPO_PACKAGES / "pipeline")],
+            signature=model_signature(cfg.postprocess.score_threshold),
+            input_example=_input_example(),
+            pip_requirements=pip_requirements(),
+            registered_model_name=name,
+            metadata={"class_names": list(payload["class_names"]), "input_size": cfg.model.input_size,
+                      "format": "fssd-pyfunc/1"},
+        )
+
+
 # --------------------------------------------------------------------------------------------
 # the stage
 
@@ -315,37 +356,31 @@ def run_register(
     processed = Path(params.data.root) / "processed"
     client = tracking.client(uri)
 
-    wanted = run_id or metrics.get("mlflow_run_id") or _read_run_id(train_metrics)
-    run_id, created = resolve_run(uri, params.mlflow.experiment, wanted, stage="register", processed_dir=processed)
-
-    # the current champion, before anything changes
-    champion_version = champion_map = None
-    try:
-        mv = client.get_model_version_by_alias(name, alias)
-        champion_version = str(mv.version)
-        champion_map = _float_or_none((mv.tags or {}).get(MAP_TAG))
-    except MlflowException:
-        pass
-
     tmp = Path(tempfile.mkdtemp(prefix="fssd-register-"))
     try:
         slim = tmp / "fssd.pt"
-        payload = _slim_checkpoint(checkpoint, slim)
-        cfg = payload["config"]
-        mlflow.set_tracking_uri(uri)
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=_pyfunc_class()(),
-                artifacts={CHECKPOINT_ARTIFACT: str(slim)},
-                code_paths=[str(_REPO_PACKAGES / "fssd"), str(_REPO_PACKAGES / "pipeline")],
-                signature=model_signature(cfg.postprocess.score_threshold),
-                input_example=_input_example(),
-                pip_requirements=pip_requirements(),
-                registered_model_name=name,
-                metadata={"class_names": list(payload["class_names"]), "input_size": cfg.model.input_size,
-                          "format": "fssd-pyfunc/1"},
-            )
+        payload = _slim_checkpoint(checkpoint, slim)  # a bad checkpoint fails before MLflow is touched
+
+        wanted = run_id or metrics.get("mlflow_run_id") or _read_run_id(train_metrics)
+        run_id, created = resolve_run(uri, params.mlflow.experiment, wanted, stage="register",
+                                      processed_dir=processed)
+        # the current champion, before anything changes
+        champion_version = champion_map = None
+        try:
+            mv = client.get_model_version_by_alias(name, alias)
+            champion_version = str(mv.version)
+            champion_map = _float_or_none((mv.tags or {}).get(MAP_TAG))
+        except MlflowException:
+            pass
+
+        prior_status = client.get_run(run_id).info.status
+        try:
+            info = _log_model(mlflow, uri, run_id, name, slim, payload)
+        finally:
+            # start_run/end_run marks the (training) run FINISHED, or FAILED on an error here: a
+            # failed registration must not relabel the training run, so its status is restored
+            if prior_status in ("FINISHED", "FAILED", "KILLED") and client.get_run(run_id).info.status != prior_status:
+                client.set_terminated(run_id, status=prior_status)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if created:
@@ -394,9 +429,13 @@ def run_register(
 def _cmd_register(args: argparse.Namespace) -> int:
     from .params import load_params, parse_set
 
-    params = load_params(args.params, parse_set(args.set or []))
-    s = run_register(params, checkpoint=Path(args.checkpoint), eval_metrics=Path(args.eval_metrics),
-                     out=Path(args.out), train_metrics=Path(args.train_metrics), run_id=args.run_id)
+    try:
+        params = load_params(args.params, parse_set(args.set or []))
+        s = run_register(params, checkpoint=Path(args.checkpoint), eval_metrics=Path(args.eval_metrics),
+                         out=Path(args.out), train_metrics=Path(args.train_metrics), run_id=args.run_id)
+    except (ValueError, FileNotFoundError) as e:  # bad params, checkpoint or metrics: the message names it
+        print(f"fssd register: error: {e}", file=sys.stderr, flush=True)
+        return 2
     moved = (f"alias {s['alias']!r} now on version {s['version']}" if s["alias_moved"]
              else f"alias {s['alias']!r} stays on version {s['champion_version']}")
     print(f"[fssd] registered {s['model_name']} version {s['version']} (test mAP {s['map_voc07']}); {moved}: "
