@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import write_params
 from pipeline.params import load_params
 
 pytestmark = pytest.mark.slow
@@ -24,13 +23,13 @@ def _final_weights(result):
         return load_checkpoint(Path(d) / "checkpoint.pt")["model"]
 
 
-def test_two_workers_match_one_worker_with_double_batch(tiny_data, ray_session, tmp_path):
+def test_two_workers_match_one_worker_with_double_batch(tiny_data, ray_session, tmp_path, make_params):
     """2 workers x batch 4 reach the parameters of 1 worker x batch 8 (same samples, BN frozen)."""
     from pipeline.train import fit, make_job
 
     weights = {}
     for workers in (1, 2):
-        p = write_params(tmp_path / f"params{workers}.yaml", tiny_data, tmp_path,
+        p = make_params(tmp_path / f"params{workers}.yaml", tiny_data, tmp_path,
                          **{"train.epochs": 1, "train.num_workers": workers, "train.freeze_bn": True,
                             "train.cpus_per_worker": 1, "train.grad_clip": None})
         params = load_params(p)
@@ -53,14 +52,14 @@ def test_two_workers_match_one_worker_with_double_batch(tiny_data, ray_session, 
     assert moved > 10
 
 
-def test_worker_killed_resumes_without_duplicate_mlflow_steps(tiny_data, ray_session, tmp_path, monkeypatch):
+def test_worker_killed_resumes_without_duplicate_mlflow_steps(tiny_data, ray_session, tmp_path, monkeypatch, make_params):
     """A worker SIGKILLs itself once in epoch 2; max_failures=1 restarts from the epoch-1 checkpoint."""
     import mlflow
 
     from pipeline.cli import main
 
     monkeypatch.chdir(tmp_path)
-    p = write_params(tmp_path / "params.yaml", tiny_data, tmp_path,
+    p = make_params(tmp_path / "params.yaml", tiny_data, tmp_path,
                      **{"train.epochs": 3, "train.max_failures": 1, "train.use_tuned": False})
     marker = tmp_path / "killed"
     rc = main(["train", "--params", str(p), "--test-kill-at-epoch", "1", "--test-kill-marker", str(marker)])
@@ -78,9 +77,9 @@ def test_worker_killed_resumes_without_duplicate_mlflow_steps(tiny_data, ray_ses
     assert any(a.path == "checkpoint" for a in client.list_artifacts(run.info.run_id))
 
 
-def test_interrupted_train_continues_at_next_epoch(tiny_data, tmp_path):
+def test_interrupted_train_continues_at_next_epoch(tiny_data, tmp_path, make_params):
     """SIGINT after epoch 1 of 3; the re-run resumes at epoch 2 instead of starting over."""
-    p = write_params(tmp_path / "params.yaml", tiny_data, tmp_path,
+    p = make_params(tmp_path / "params.yaml", tiny_data, tmp_path,
                      **{"train.epochs": 3, "train.use_tuned": False})
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
