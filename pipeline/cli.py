@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -185,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError) as e:
+        if os.environ.get("FSSD_DEBUG"):
+            raise
         print(f"fssd {args.command}: error: {e}", file=sys.stderr)
         return 2
 

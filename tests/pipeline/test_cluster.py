@@ -1,0 +1,102 @@
+"""A real two-node Ray cluster on this machine, and `ray job submit` of `fssd train` to it."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(cmd, env, timeout=180):
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out
+
+
+@pytest.fixture
+def two_node_cluster():
+    """`ray start --head` plus a second `ray start --address` node, 1 CPU each, on 127.0.0.1.
+
+    Torn down by killing only the processes of this cluster (its own temp dir), so other Ray
+    instances of the test session keep running."""
+    # Each node gets its own temp dir: nodes sharing one would share (and garbage-collect) the
+    # runtime_resources directory that holds the job's working_dir.
+    temps = [tempfile.mkdtemp(prefix="rc", dir="/tmp") for _ in range(2)]
+    port, dash = _free_port(), _free_port()
+    # Ray 2.60 clusters use token authentication: every node and client shares ~/.ray/auth_token.
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    if not (Path.home() / ".ray" / "auth_token").is_file():
+        _run([BIN / "ray", "get-auth-token", "--generate"], env)
+    common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
+
+    def node_ports():  # two nodes on one host must not share their agents' default ports
+        return ["--dashboard-agent-listen-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port()),
+                "--metrics-export-port", str(_free_port()), "--runtime-env-agent-port", str(_free_port())]
+
+    try:
+        _run([BIN / "ray", "start", "--head", "--port", str(port), "--dashboard-host", "127.0.0.1",
+              "--dashboard-port", str(dash), "--include-dashboard", "true", *node_ports(), *common, "--temp-dir", temps[0]], env)
+        _run([BIN / "ray", "start", "--address", f"127.0.0.1:{port}", *node_ports(), *common, "--temp-dir", temps[1]],
+             env)
+        alive = _run([sys.executable, "-c", f"import ray; ray.init(address='127.0.0.1:{port}', logging_level='ERROR'); "
+                      "print(sorted(n['Resources'].get('CPU', 0) for n in ray.nodes() if n['Alive']))"], env)
+        assert alive.stdout.strip().splitlines()[-1] == "[1.0, 1.0]", alive.stdout
+        yield {"dashboard": f"http://127.0.0.1:{dash}", "env": env}
+    finally:
+        for proc in psutil.process_iter(["cmdline"]):
+            try:
+                if any(t in part for t in temps for part in (proc.info["cmdline"] or [])):
+                    proc.kill()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        for t in temps:
+            shutil.rmtree(t, ignore_errors=True)
+
+
+def test_ray_job_submit_trains_on_two_nodes(two_node_cluster, tiny_data, tmp_path, make_params):
+    import mlflow
+
+    params = make_params(tmp_path / "params.yaml", tiny_data, tmp_path,
+                         **{"train.epochs": 1, "train.num_workers": 2, "train.cpus_per_worker": 1,
+                            "train.freeze_bn": True, "train.use_tuned": False})
+    out_metrics, out_model = tmp_path / "train.json", tmp_path / "fssd.pt"
+    cmd = [BIN / "ray", "job", "submit", "--address", two_node_cluster["dashboard"], "--working-dir", str(REPO),
+           "--", "fssd", "train", "--params", str(params), "--metrics-out", str(out_metrics),
+           "--model-out", str(out_model)]
+    for _ in range(30):  # the head's job agent needs a moment after `ray start`
+        out = subprocess.run(cmd, env=two_node_cluster["env"], capture_output=True, text=True, timeout=600)
+        if "No available agent to submit job" not in out.stderr + out.stdout:
+            break
+        time.sleep(2)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    log = out.stdout + out.stderr
+    assert "succeeded" in log, log[-3000:]
+    # one worker on each node
+    assert "world_rank=0" in log and "world_rank=1" in log, log[-3000:]
+    # Ray numbers node_rank by IP and both nodes are 127.0.0.1; the workers still sit on two
+    # Ray nodes: each node has 1 CPU and each worker takes 1 CPU (checked in the fixture).
+    metrics = json.loads(out_metrics.read_text())
+    assert metrics["epochs"] == 1 and out_model.is_file()
+    run = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(metrics["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.num_workers"] == "2"
