@@ -12,7 +12,7 @@ setup:
 
 pipeline: setup
 	@git rev-parse --git-dir >/dev/null 2>&1 || { echo "make pipeline: run it in a git clone (DVC needs git)"; exit 2; }
-	.venv/bin/dvc repro
+	PATH="$(CURDIR)/.venv/bin:$$PATH" dvc repro
 
 test: setup
 	$(PY) -m pytest
@@ -21,7 +21,7 @@ test-fast: setup
 	$(PY) -m pytest -m "not slow"
 
 bench: setup
-	$(PY) bench/run_all.py
+	PATH="$(CURDIR)/.venv/bin:$$PATH" $(PY) bench/run_all.py
 
 mlflow-ui: setup
 	.venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
