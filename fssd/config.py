@@ -177,7 +177,7 @@ class PostprocessConfig:
 
     score_threshold: float = 0.01
     nms_threshold: float = 0.45
-    pre_nms_top_k: int | None = None
+    pre_nms_top_k: int | None = 400
     top_k_per_class: int | None = 200
     max_detections: int = 200
     plus_one: bool = False

@@ -40,7 +40,7 @@ def postprocess(
     variances: tuple[float, float] = (0.1, 0.2),
     score_threshold: float = 0.01,
     nms_threshold: float = 0.45,
-    pre_nms_top_k: int | None = None,
+    pre_nms_top_k: int | None = 400,
     top_k_per_class: int | None = 200,
     max_detections: int = 200,
     plus_one: bool = False,
@@ -48,8 +48,8 @@ def postprocess(
     """Turn raw network outputs into per-image detections, for the whole batch at once.
 
     Softmax scores; every (prior, class >= 1) pair scoring above ``score_threshold`` is a
-    candidate; optionally the ``pre_nms_top_k`` best candidates per image are kept; NMS per
-    image and class (``torchvision.ops.batched_nms``, suppressing IoU > ``nms_threshold``);
+    candidate; the ``pre_nms_top_k`` best candidates per image and class go on (400 as in
+    torchvision's SSD; None keeps all, as the authors' evaluation did); NMS per image and class (``torchvision.ops.batched_nms``, suppressing IoU > ``nms_threshold``);
     at most ``top_k_per_class`` per class and ``max_detections`` per image, by score.
 
     Boxes are returned in pixels of ``image_sizes`` ((height, width) per image; the network
@@ -76,13 +76,13 @@ def postprocess(
 
     img_idx, prior_idx, cls_idx = torch.nonzero(scores > score_threshold, as_tuple=True)
     cand_scores = scores[img_idx, prior_idx, cls_idx]
+    groups = img_idx * (c - 1) + cls_idx
     if pre_nms_top_k is not None and cand_scores.numel():
         order = torch.argsort(cand_scores, descending=True)
-        rank = _rank_within_groups(img_idx[order])
-        keep = order[rank < pre_nms_top_k]
-        img_idx, prior_idx, cls_idx, cand_scores = img_idx[keep], prior_idx[keep], cls_idx[keep], cand_scores[keep]
+        keep = order[_rank_within_groups(groups[order]) < pre_nms_top_k]
+        img_idx, prior_idx, cls_idx = img_idx[keep], prior_idx[keep], cls_idx[keep]
+        cand_scores, groups = cand_scores[keep], groups[keep]
     cand_boxes = boxes[img_idx, prior_idx]
-    groups = img_idx * (c - 1) + cls_idx
     nms_boxes = cand_boxes + cand_boxes.new_tensor([0.0, 0.0, 1.0, 1.0]) if plus_one else cand_boxes
     keep = batched_nms(nms_boxes, cand_scores, groups, nms_threshold)  # descending score
     if top_k_per_class is not None:

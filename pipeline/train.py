@@ -384,8 +384,16 @@ class MlflowEpochLogger(_user_callback_base()):  # type: ignore[misc]
 # --------------------------------------------------------------------------------------------
 
 
-def init_ray() -> None:
-    """Join the cluster at RAY_ADDRESS (as under `ray job submit`), else start a local Ray."""
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster at RAY_ADDRESS (as under `ray job submit`), else start a local Ray.
+
+    A local Ray gets its dashboard on 127.0.0.1 at a free port, and every actor is told that
+    address (``RAY_API_SERVER_ADDRESS``): Ray Train's placement-group cleaner finds the State API
+    by it. Without it, with several Ray instances on one machine, the cleaner gives up and the
+    placement group of a stopped run (a trial ASHA stopped) keeps its CPUs.
+    """
+    import socket
+
     import ray
 
     if ray.is_initialized():
@@ -393,9 +401,12 @@ def init_ray() -> None:
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
-    else:
-        # The dashboard serves the State API that Ray Train's placement-group cleaner polls.
-        ray.init(num_cpus=os.cpu_count() or 1, dashboard_host="127.0.0.1", log_to_driver=True)
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ray.init(num_cpus=num_cpus or os.cpu_count() or 1, dashboard_host="127.0.0.1", dashboard_port=port,
+             log_to_driver=True, runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
 
 
 def storage(storage_path: str, endpoint_url: str | None) -> tuple[str, Any]:

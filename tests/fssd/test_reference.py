@@ -113,7 +113,8 @@ def test_detections_as_sets(reference):
     model = build_fssd("fssd300_vgg16", 21)
     dets = postprocess(
         s["loc"], s["conf"], model.priors, image_sizes=[(300, 300)],
-        score_threshold=0.03, nms_threshold=0.45, top_k_per_class=50, max_detections=300, plus_one=True,
+        score_threshold=0.03, nms_threshold=0.45, pre_nms_top_k=None, top_k_per_class=50, max_detections=300,
+        plus_one=True,
     )
     for ours, ref in zip(dets, s["detections"]):
         assert len(ours["scores"]) == len(ref)
