@@ -129,6 +129,7 @@ class TrainParams:
     ema: bool = False
     ema_decay: float = 0.9998
     val_every: int = 2
+    max_images: int | None = None
     max_bad_steps: int = 20
     log_every: int = 20
 
@@ -149,6 +150,8 @@ class TrainParams:
             raise ParamsError(f"train.amp_dtype must be 'bfloat16' or 'float16', got {self.amp_dtype!r}")
         if self.warmup_epochs < 0 or not 0 < self.warmup_factor <= 1:
             raise ParamsError("train.warmup_epochs must be >= 0 and train.warmup_factor in (0, 1]")
+        if self.max_images is not None and self.max_images < self.batch_size:
+            raise ParamsError(f"train.max_images ({self.max_images}) must be null or at least one batch ({self.batch_size})")
         if self.loader_workers < 0 or self.max_failures < -1:
             raise ParamsError("train.loader_workers must be >= 0 and train.max_failures >= -1")
         if self.sync_bn and not self.use_gpu:
@@ -178,6 +181,7 @@ class TuneParams:
     num_workers: int = 1
     cpus_per_worker: float | None = None
     storage_path: str = "ray_results/tune"
+    max_train_images: int | None = None
     space: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -185,6 +189,8 @@ class TuneParams:
             raise ParamsError(f"tune.search must be random, grid or optuna, got {self.search!r}")
         if self.num_samples < 1 or self.epochs < 1 or self.num_workers < 1:
             raise ParamsError("tune.num_samples, tune.epochs and tune.num_workers must be >= 1")
+        if self.max_train_images is not None and self.max_train_images < 1:
+            raise ParamsError(f"tune.max_train_images must be >= 1 or null, got {self.max_train_images!r}")
 
 
 @dataclass(frozen=True)

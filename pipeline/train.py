@@ -209,10 +209,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                 train_transform(m.input_size, m.image_mean, m.image_std), seed=job.seed)
     val_ds = DetectionDataset(Path(job.val_json), Path(job.data_root),
                               eval_transform(m.input_size, m.image_mean, m.image_std), skip_ignored=False)
-    sampler = GlobalBatchSampler(len(train_ds), tp.batch_size, rank=rank, world_size=world, seed=job.seed)
+    train_set = train_ds
+    if tp.max_images is not None and tp.max_images < len(train_ds):
+        train_set = torch.utils.data.Subset(train_ds, range(tp.max_images))
+    sampler = GlobalBatchSampler(len(train_set), tp.batch_size, rank=rank, world_size=world, seed=job.seed)
     loader_kw = dict(num_workers=tp.loader_workers, collate_fn=detection_collate, pin_memory=cuda,
                      persistent_workers=tp.loader_workers > 0)
-    train_loader = DataLoader(train_ds, batch_sampler=sampler, **loader_kw)
+    train_loader = DataLoader(train_set, batch_sampler=sampler, **loader_kw)
     val_sampler = GlobalBatchSampler(len(val_ds), tp.batch_size, rank=rank, world_size=world, shuffle=False, drop_last=False)
     val_loader = DataLoader(val_ds, batch_sampler=val_sampler, **{**loader_kw, "persistent_workers": False})
 

@@ -143,6 +143,8 @@ def trial_overrides(params: Params, cpus_per_worker: float | None = None) -> dic
         "train.num_workers": params.tune.num_workers,
         "data.root": str(Path(params.data.root).resolve()),
     }
+    if params.tune.max_train_images is not None:
+        out["train.max_images"] = params.tune.max_train_images
     if cpus_per_worker is not None:
         out["train.cpus_per_worker"] = float(cpus_per_worker)
     return out
@@ -843,6 +845,17 @@ def run_search(
 
 def handler(args: argparse.Namespace) -> int:
     overrides = parse_set(args.set or [])
+    params = load_params(args.params, overrides)
+    if not params.train.use_tuned:
+        # The training will not use a search result: write an empty one instead of searching.
+        from .train import atomic_write_json
+
+        reason = "train.use_tuned is false"
+        atomic_write_json(Path(args.best_out), {"overrides": {}, "skipped": reason})
+        Path(args.checkpoint_out).unlink(missing_ok=True)
+        atomic_write_json(Path(args.metrics_out), {"trials": [], "best": None, "skipped": reason, "seconds": 0.0})
+        print(f"[fssd] tune: skipped ({reason})")
+        return 0
     try:
         summary = run_search(args.params, overrides, best_out=Path(args.best_out),
                              checkpoint_out=Path(args.checkpoint_out), metrics_out=Path(args.metrics_out),
