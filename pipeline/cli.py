@@ -89,7 +89,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     init = None
     if tuned and args.init_from_tune and Path(args.tuned).is_file():
         init = json.loads(Path(args.tuned).read_text()).get("checkpoint")
-    job = make_job(params, init_checkpoint=init if init and Path(init).is_file() else None)
+    # Ray workers run elsewhere: the checkpoint path must be absolute.
+    init_path = str(Path(init).resolve()) if init and Path(init).is_file() else None
+    job = make_job(params, init_checkpoint=init_path)
     if args.test_kill_at_epoch is not None:
         job.test_kill_at_epoch = args.test_kill_at_epoch
         job.test_kill_marker = str(Path(args.test_kill_marker).resolve())
