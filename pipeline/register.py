@@ -342,7 +342,11 @@ def run_register(
         run_id: the MLflow run to log the model under (default: ``eval_metrics['mlflow_run_id']``,
             else ``train_metrics``'; a new run tagged ``fssd.stage=register`` when none exists).
     """
+    import time
+
     import mlflow
+
+    started = time.time()
     from mlflow.exceptions import MlflowException
 
     from . import tracking
@@ -418,6 +422,7 @@ def run_register(
         "previous_champion_map_voc07": champion_map,
         "reason": reason,
     }
+    summary["seconds"] = round(time.time() - started, 1)
     _atomic_write_json(Path(out), summary)
     return summary
 

@@ -61,9 +61,9 @@ def project(tmp_path_factory):
 
 def test_every_stage_ran_and_wrote_its_outputs(project):
     d = project["dir"]
-    for stage in ("download", "convert", "tune", "train", "evaluate", "register"):
-        metrics = json.loads((d / "metrics" / f"{stage}.json").read_text())
-        assert metrics["seconds"] >= 0, stage
+    for name in ("download", "convert", "tune", "train", "eval", "register"):  # every stage's seconds
+        metrics = json.loads((d / "metrics" / f"{name}.json").read_text())
+        assert metrics["seconds"] >= 0, name
     for split in ("train", "val", "test"):
         assert json.loads((d / "data" / "processed" / f"{split}.json").read_text())["images"]
     best = json.loads((d / "tune" / "best.json").read_text())
