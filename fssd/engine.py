@@ -177,16 +177,19 @@ def train_one_epoch(
 ) -> EpochStats:
     """One pass over ``loader`` (batches from :func:`fssd.data.detection_collate`).
 
-    A step whose loss is NaN/Inf on any rank is skipped on all ranks and counted; after
+    A step whose loss is NaN/Inf on any rank is skipped on all ranks (BatchNorm statistics
+    restored) and counted; after
     ``max_bad_steps`` consecutive bad steps :class:`BadStepsError` is raised. ``freeze_bn`` keeps
     BatchNorm layers in eval mode (fixed running statistics). Returns the epoch's averages
     (local to this rank).
     """
     model.train()
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if freeze_bn:
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
+        for m in bns:
+            m.eval()
+    # BatchNorm statistics that a skipped (non-finite) step must not leave behind.
+    tracked = [m for m in bns if m.training and m.track_running_stats]
     stats = EpochStats()
     sums = torch.zeros(3, dtype=torch.float64)
     start = time.perf_counter()
@@ -196,11 +199,17 @@ def train_one_epoch(
             images = images.contiguous(memory_format=torch.channels_last)
         boxes = batch["boxes"].to(device, non_blocking=True)
         labels = batch["labels"].to(device, non_blocking=True)
+        saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in tracked]
         with _autocast(device, amp_dtype):
             loc, conf = model(images)
         out = criterion(loc.float(), conf.float(), boxes, labels)
         loss = out.total
         if not _all_finite(loss):
+            with torch.no_grad():
+                for m, (mean, var, count) in zip(tracked, saved):
+                    m.running_mean.copy_(mean)
+                    m.running_var.copy_(var)
+                    m.num_batches_tracked.copy_(count)
             optimizer.zero_grad(set_to_none=True)
             state.consecutive_bad += 1
             state.bad_steps += 1

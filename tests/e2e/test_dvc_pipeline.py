@@ -85,7 +85,7 @@ def test_mlflow_store_has_runs_and_champion(project):
 
     c = mlflow.MlflowClient(f"sqlite:///{project['dir'] / 'mlflow.db'}")
     mv = c.get_model_version_by_alias("fssd-synthetic", "champion")
-    assert mv.version == "1"
+    assert str(mv.version) == "1"
     exp = c.get_experiment_by_name("fssd")
     runs = c.search_runs([exp.experiment_id])
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
@@ -150,7 +150,7 @@ def test_mlflow_server_rest_api(project):
         train = next(r for r in runs if any(m["key"] == "test_map_voc07" for m in r["data"].get("metrics", [])))
         assert any(m["key"] == "val_map" for m in train["data"]["metrics"])
         alias = get("/api/2.0/mlflow/registered-models/alias", name="fssd-synthetic", alias="champion")
-        assert alias["model_version"]["version"] == "1"
+        assert str(alias["model_version"]["version"]) == "1"
     finally:
         server.terminate()
         server.wait(timeout=30)
