@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .config import DetectorConfig
+from .engine import unwrap
 from .models.fssd import FSSD
 from .models.presets import build_detector
 
@@ -32,13 +33,6 @@ VERSION = 1
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable or not an FSSD checkpoint."""
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    # DDP / torch.compile wrappers keep the real module in .module / ._orig_mod
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
-    return model
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -73,7 +67,7 @@ def save_checkpoint(
             f"{len(class_names)} class names given for num_classes={config.model.num_classes} "
             "(which counts the background); give the object classes only"
         )
-    state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
     payload = {
         "format": FORMAT,
         "version": VERSION,
