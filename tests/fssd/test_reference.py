@@ -15,12 +15,18 @@ def assert_rel(actual, expected, rtol=RTOL, what=""):
     assert err <= rtol, f"{what}: relative error {err:.3g} > {rtol}"
 
 
+def _scaled_state_dict(reference):
+    """The reference weights as ours, every conv weight x2.25 as in ``scaled``."""
+    s = reference["scaled"]
+    sd = from_pytorchssd(reference["state_dict"])
+    return {k: v * s["conv_weight_scale"] if v.dim() == 4 else v for k, v in sd.items()}
+
+
 @pytest.fixture(scope="module")
 def scaled_model(reference):
     """fssd300_vgg16 with the reference weights, every conv weight x2.25 as in ``scaled``."""
     s = reference["scaled"]
-    sd = from_pytorchssd(reference["state_dict"])
-    sd = {k: v * s["conv_weight_scale"] if v.dim() == 4 else v for k, v in sd.items()}
+    sd = _scaled_state_dict(reference)
     model = build_fssd("fssd300_vgg16", 21)
     model.load_state_dict(sd)  # strict: every key maps
     return model
@@ -60,8 +66,7 @@ def test_eval_forward(reference, scaled_model):
 
 def test_train_forward_and_bn_statistics(reference):
     s = reference["scaled"]
-    sd = from_pytorchssd(reference["state_dict"])
-    sd = {k: v * s["conv_weight_scale"] if v.dim() == 4 else v for k, v in sd.items()}
+    sd = _scaled_state_dict(reference)
     model = build_fssd("fssd300_vgg16", 21)
     model.load_state_dict(sd)
     model.train()
@@ -81,8 +86,7 @@ def test_train_forward_and_bn_statistics(reference):
 
 def test_align_corners_false_matches_master_on_modern_torch(reference):
     s = reference["scaled"]
-    sd = from_pytorchssd(reference["state_dict"])
-    sd = {k: v * s["conv_weight_scale"] if v.dim() == 4 else v for k, v in sd.items()}
+    sd = _scaled_state_dict(reference)
     model = build_fssd("fssd300_vgg16", 21, align_corners=False)
     model.load_state_dict(sd)
     model.eval()
