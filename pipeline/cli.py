@@ -39,7 +39,7 @@ def _tuned_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _timed_metrics(path: Path, started: float, extra: dict[str, Any]) -> None:
-    from .train import atomic_write_json
+    from .io import atomic_write_json
 
     atomic_write_json(path, {**extra, "seconds": round(time.time() - started, 1)})
 

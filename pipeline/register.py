@@ -38,6 +38,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from pipeline.io import atomic_write_json
+
 __all__ = [
     "FSSDPyfuncModel",
     "OUTPUT_COLUMNS",
@@ -264,17 +266,6 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def _atomic_write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 @contextlib.contextmanager
 def _fluent_tracking_uri(uri: str) -> Iterator[None]:
     """Point MLflow's fluent API (start_run, log_model) at ``uri`` for a while, then put back both
@@ -423,7 +414,7 @@ def run_register(
         "reason": reason,
     }
     summary["seconds"] = round(time.time() - started, 1)
-    _atomic_write_json(Path(out), summary)
+    atomic_write_json(Path(out), summary)
     return summary
 
 

@@ -32,6 +32,7 @@ from fssd.models.presets import build_detector
 
 from .params import Params, TrainParams, detector_config, flatten
 from . import tracking
+from .io import atomic_write_json
 
 __all__ = ["TrainJob", "make_job", "run_training", "train_loop_per_worker", "MlflowEpochLogger"]
 
@@ -476,13 +477,6 @@ def best_checkpoint(result: Any) -> Any:
     if best:
         return max(best, key=lambda b: (b[0], b[1]))[2]
     return result.checkpoint
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def run_training(

@@ -689,7 +689,7 @@ def run_search(
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from .train import atomic_write_json
+    from .io import atomic_write_json
 
     init_ray()
     cluster = ray.cluster_resources()
@@ -848,7 +848,7 @@ def handler(args: argparse.Namespace) -> int:
     params = load_params(args.params, overrides)
     if not params.train.use_tuned:
         # The training will not use a search result: write an empty one instead of searching.
-        from .train import atomic_write_json
+        from .io import atomic_write_json
 
         reason = "train.use_tuned is false"
         atomic_write_json(Path(args.best_out), {"overrides": {}, "skipped": reason})
