@@ -31,9 +31,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def bench_forward(model, batch: int, size: int, device: torch.device, iters: int, amp: bool) -> float:
-    model.eval().to(device)
-    x = torch.randn(batch, 3, size, size, device=device)
+def _format(cl: bool) -> torch.memory_format:
+    return torch.channels_last if cl else torch.contiguous_format
+
+
+def bench_forward(model, batch: int, size: int, device: torch.device, iters: int, amp: bool, cl: bool) -> float:
+    model.eval().to(device, memory_format=_format(cl))
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=_format(cl))
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if (amp and device.type == "cuda") else torch.no_grad()
     with torch.no_grad(), ctx:
         model(x)
@@ -45,11 +49,11 @@ def bench_forward(model, batch: int, size: int, device: torch.device, iters: int
     return batch * iters / (time.perf_counter() - t)
 
 
-def bench_train(model, batch: int, size: int, device: torch.device, iters: int, amp: bool) -> float:
-    model.train().to(device)
+def bench_train(model, batch: int, size: int, device: torch.device, iters: int, amp: bool, cl: bool) -> float:
+    model.train().to(device, memory_format=_format(cl))
     crit = MultiBoxLoss(model.priors.to(device), validate=False)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    x = torch.randn(batch, 3, size, size, device=device)
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=_format(cl))
     boxes = torch.tensor([[0.1, 0.1, 0.5, 0.6], [0.4, 0.3, 0.9, 0.8]], device=device).expand(batch, 2, 4).contiguous()
     labels = torch.tensor([1, 2], device=device).expand(batch, 2).contiguous()
 
@@ -143,11 +147,12 @@ def bench_lite_epoch(images: int, loader_workers: int) -> float:
                             collate_fn=detection_collate, persistent_workers=loader_workers > 0)
         crit = MultiBoxLoss(model.priors)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        model.train()
+        model.train().to(memory_format=torch.channels_last)  # what `fssd train` does (train.channels_last)
         seen = 0
         t = time.perf_counter()
         for batch in loader:
-            out = crit(*model(batch["images"]), batch["boxes"], batch["labels"])
+            images = batch["images"].contiguous(memory_format=torch.channels_last)
+            out = crit(*model(images), batch["boxes"], batch["labels"])
             opt.zero_grad()
             out.total.backward()
             opt.step()
@@ -176,17 +181,15 @@ def main() -> None:
     results = {}
     for preset, size, batch in specs:
         for amp in ([False, True] if cuda else [False]):
-            model = build_fssd(preset, 21)
-            if cuda:
-                model = model.to(memory_format=torch.channels_last)
-            fwd = bench_forward(model, batch, size, device, it, amp)
-            trn = bench_train(build_fssd(preset, 21), batch, size, device, it, amp)
-            tag = f"{preset}{' bf16' if amp else ' fp32'}"
-            results[tag] = (fwd, trn)
-            rows.append((tag, f"batch {batch}", f"{fwd:.1f}", f"{trn:.1f}"))
+            for cl in (False, True):
+                fwd = bench_forward(build_fssd(preset, 21), batch, size, device, it, amp, cl)
+                trn = bench_train(build_fssd(preset, 21), batch, size, device, it, amp, cl)
+                tag = f"{preset}{' bf16' if amp else ' fp32'}"
+                results.setdefault(tag, (fwd, trn))
+                rows.append((tag, "channels_last" if cl else "contiguous", f"batch {batch}", f"{fwd:.1f}", f"{trn:.1f}"))
     print(f"# FSSD model bench on {name} (torch {torch.__version__})\n")
-    print("| model | batch | forward img/s | train-step img/s |")
-    print("|---|---|---|---|")
+    print("| model | memory format | batch | forward img/s | train-step img/s |")
+    print("|---|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(r) + " |")
     base = results[next(k for k in results if k.startswith("fssd300"))]

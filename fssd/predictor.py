@@ -52,7 +52,7 @@ class Predictor:
         batch_size: images per forward pass in :meth:`predict`.
         amp: autocast to ``amp_dtype`` on CUDA (ignored on CPU); default on for CUDA.
         amp_dtype: ``torch.bfloat16`` (default) or ``torch.float16``.
-        channels_last: channels-last memory format on CUDA (ignored on CPU).
+        channels_last: channels-last memory format (faster on CUDA and on CPU with oneDNN).
     """
 
     def __init__(
@@ -107,7 +107,7 @@ class Predictor:
         if amp_dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"amp_dtype must be torch.bfloat16 or torch.float16, got {amp_dtype!r}")
         self.amp_dtype = amp_dtype if (cuda and (amp is None or amp)) else None
-        self.channels_last = bool(channels_last and cuda)
+        self.channels_last = bool(channels_last)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self._transform = eval_transform(self.input_size, self.image_mean, self.image_std)

@@ -457,7 +457,7 @@ def run_evaluate(
                         collate_fn=detection_collate, pin_memory=cuda)
     # CUDA only: the training run's autocast dtype and memory format
     amp_dtype = getattr(torch, params.train.amp_dtype) if (params.train.amp and cuda) else None
-    channels_last = bool(params.train.channels_last and cuda)
+    channels_last = bool(params.train.channels_last)
     if channels_last:
         model.to(memory_format=torch.channels_last)
 

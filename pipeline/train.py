@@ -225,7 +225,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         _load_pretrained(model, job.pretrained, job.s3_endpoint_url)
     if tp.sync_bn and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    channels_last = tp.channels_last and cuda
+    channels_last = tp.channels_last  # faster on CUDA and on CPU (oneDNN): bench/bench_model.py
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
