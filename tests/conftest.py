@@ -1,4 +1,10 @@
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -78,3 +84,72 @@ def ray_session():
     init_ray()
     yield ray
     ray.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """``free_port()`` gives a free TCP port on 127.0.0.1 (tests bind only to loopback)."""
+    return _free_port
+
+
+@pytest.fixture(scope="session")
+def fake_aws_env(tmp_path_factory) -> dict[str, str]:
+    """Environment for subprocesses (dvc, Ray jobs) that talk to moto: credentials moto accepts and
+    no real AWS configuration, so nothing can reach AWS."""
+    empty = tmp_path_factory.mktemp("no-aws")
+    return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": str(empty / "config"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(empty / "credentials"),
+            "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    """moto's S3 server on a free 127.0.0.1 port, shared by the session: ``http://127.0.0.1:PORT``."""
+    moto_server = pytest.importorskip("moto.server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@contextmanager
+def _mlflow_server(store_uri: str, artifacts: Path, cwd: Path, env: dict[str, str] | None = None):
+    port = _free_port()
+    server = subprocess.Popen(
+        [Path(sys.executable).parent / "mlflow", "server", "--backend-store-uri", store_uri,
+         "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(180):
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None:
+                    raise RuntimeError(f"mlflow server exited with {server.returncode}")
+                time.sleep(1)
+        else:
+            raise RuntimeError(f"mlflow server on {base} did not answer /health in 180 s")
+        yield base
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.fixture
+def mlflow_server():
+    """``with mlflow_server(store_uri, artifacts_dir, cwd, env) as base_url:`` runs `mlflow server`
+    on a free loopback port until the block ends."""
+    return _mlflow_server

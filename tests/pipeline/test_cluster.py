@@ -1,9 +1,9 @@
-"""A real two-node Ray cluster on this machine, and `ray job submit` of `fssd train` to it."""
+"""The README's cluster recipe on this machine: a real two-node Ray cluster, `ray job submit` of
+`fssd train` with a runtime env, checkpoints in S3 (moto's server), metrics in an `mlflow server`."""
 
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,12 +19,6 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(cmd, env, timeout=180):
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
@@ -32,7 +26,7 @@ def _run(cmd, env, timeout=180):
 
 
 @pytest.fixture
-def two_node_cluster():
+def two_node_cluster(free_port):
     """`ray start --head` plus a second `ray start --address` node, 1 CPU each, on 127.0.0.1.
 
     Torn down by killing only the processes of this cluster (its own temp dir), so other Ray
@@ -40,7 +34,7 @@ def two_node_cluster():
     # Each node gets its own temp dir: nodes sharing one would share (and garbage-collect) the
     # runtime_resources directory that holds the job's working_dir.
     temps = [tempfile.mkdtemp(prefix="rc", dir="/tmp") for _ in range(2)]
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     # Ray 2.60 clusters use token authentication: every node and client shares ~/.ray/auth_token.
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_AUTH_MODE": "token"}
@@ -50,8 +44,8 @@ def two_node_cluster():
     common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
 
     def node_ports():  # two nodes on one host must not share their agents' default ports
-        return ["--dashboard-agent-listen-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port()),
-                "--metrics-export-port", str(_free_port()), "--runtime-env-agent-port", str(_free_port())]
+        return ["--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+                "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port())]
 
     try:
         _run([BIN / "ray", "start", "--head", "--port", str(port), "--dashboard-host", "127.0.0.1",
@@ -73,30 +67,53 @@ def two_node_cluster():
             shutil.rmtree(t, ignore_errors=True)
 
 
-def test_ray_job_submit_trains_on_two_nodes(two_node_cluster, tiny_data, tmp_path, make_params):
+def test_cluster_recipe_two_nodes_s3_checkpoints_mlflow_server(
+        two_node_cluster, tiny_data, tmp_path, make_params, moto_endpoint, fake_aws_env, mlflow_server):
+    import boto3
     import mlflow
 
+    bucket = "fssd-cluster"
+    s3 = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1",
+                      aws_access_key_id=fake_aws_env["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=fake_aws_env["AWS_SECRET_ACCESS_KEY"])
+    s3.create_bucket(Bucket=bucket)
     params = make_params(tmp_path / "params.yaml", tiny_data, tmp_path,
                          **{"train.epochs": 1, "train.num_workers": 2, "train.cpus_per_worker": 1,
                             "train.freeze_bn": True, "train.use_tuned": False})
     out_metrics, out_model = tmp_path / "train.json", tmp_path / "fssd.pt"
-    cmd = [BIN / "ray", "job", "submit", "--address", two_node_cluster["dashboard"], "--working-dir", str(REPO),
-           "--", "fssd", "train", "--params", str(params), "--metrics-out", str(out_metrics),
-           "--model-out", str(out_model)]
-    for _ in range(30):  # the head's job agent needs a moment after `ray start`
-        out = subprocess.run(cmd, env=two_node_cluster["env"], capture_output=True, text=True, timeout=600)
-        if "No available agent to submit job" not in out.stderr + out.stdout:
-            break
-        time.sleep(2)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    log = out.stdout + out.stderr
-    assert "succeeded" in log, log[-3000:]
-    # one worker on each node
-    assert "world_rank=0" in log and "world_rank=1" in log, log[-3000:]
-    # Ray numbers node_rank by IP and both nodes are 127.0.0.1; the workers still sit on two
-    # Ray nodes: each node has 1 CPU and each worker takes 1 CPU (checked in the fixture).
-    metrics = json.loads(out_metrics.read_text())
-    assert metrics["epochs"] == 1 and out_model.is_file()
-    run = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(metrics["mlflow_run_id"])
-    assert run.info.status == "FINISHED"
-    assert run.data.params["train.num_workers"] == "2"
+    with mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "mlartifacts", tmp_path,
+                       two_node_cluster["env"]) as tracking_uri:
+        runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": tracking_uri, "AWS_ENDPOINT_URL": moto_endpoint,
+                                    **fake_aws_env}}
+        cmd = [BIN / "ray", "job", "submit", "--address", two_node_cluster["dashboard"], "--working-dir", str(REPO),
+               "--runtime-env-json", json.dumps(runtime_env),
+               "--", "fssd", "train", "--params", str(params), "--metrics-out", str(out_metrics),
+               "--model-out", str(out_model), "--set", f"train.storage_path=s3://{bucket}/fssd/ray_results"]
+        for _ in range(30):  # the head's job agent needs a moment after `ray start`
+            out = subprocess.run(cmd, env=two_node_cluster["env"], capture_output=True, text=True, timeout=600)
+            if "No available agent to submit job" not in out.stderr + out.stdout:
+                break
+            time.sleep(2)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        log = out.stdout + out.stderr
+        assert "succeeded" in log, log[-3000:]
+        # one worker on each node
+        assert "world_rank=0" in log and "world_rank=1" in log, log[-3000:]
+        # Ray numbers node_rank by IP and both nodes are 127.0.0.1; the workers still sit on two
+        # Ray nodes: each node has 1 CPU and each worker takes 1 CPU (checked in the fixture).
+        metrics = json.loads(out_metrics.read_text())
+        assert metrics["epochs"] == 1 and out_model.is_file()
+
+        # checkpoints went to S3, under the run's name, and not to the local default
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="fssd/ray_results/").get("Contents", [])]
+        assert any(k.startswith(f"fssd/ray_results/{metrics['run_name']}/") and k.endswith("/checkpoint.pt") for k in keys), keys
+        assert not (tmp_path / "ray_results" / "train").exists()
+
+        # the run is on the tracking server (through its REST API), checkpoint artifact included
+        client = mlflow.MlflowClient(tracking_uri)
+        run = client.get_run(metrics["mlflow_run_id"])
+        assert run.info.status == "FINISHED"
+        assert run.data.params["train.num_workers"] == "2"
+        assert "loss" in run.data.metrics
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/fssd.pt"]
+    assert not (tmp_path / "mlflow.db").exists()  # MLFLOW_TRACKING_URI won over params' sqlite store

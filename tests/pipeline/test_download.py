@@ -178,26 +178,8 @@ def http_server():
         thread.join(timeout=5)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # --------------------------------------------------------------------------------------------
-# fixtures: moto S3 server
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint():
-    moto_server = pytest.importorskip("moto.server")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
+# moto S3 server: the moto_endpoint fixture in tests/conftest.py
 
 
 def _s3_client(endpoint: str, **kwargs):
@@ -434,8 +416,8 @@ def test_http_5xx_exhausts_retries(http_server, tmp_path):
     assert http_server.count == 3
 
 
-def test_http_connection_refused(tmp_path):
-    url = f"http://127.0.0.1:{_free_port()}/data.bin"
+def test_http_connection_refused(tmp_path, free_port):
+    url = f"http://127.0.0.1:{free_port()}/data.bin"
     with pytest.raises(DownloadError, match="connection refused") as info:
         fetch(Source(url, sha256=PAYLOAD_SHA256), tmp_path, retries=1, backoff=0.01,
               progress=False)
@@ -612,8 +594,8 @@ def test_s3_wrong_credentials(moto_endpoint, tmp_path, monkeypatch):
     assert list((tmp_path / "bad").iterdir()) == []
 
 
-def test_s3_endpoint_unreachable(tmp_path):
-    endpoint = f"http://127.0.0.1:{_free_port()}"
+def test_s3_endpoint_unreachable(tmp_path, free_port):
+    endpoint = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(DownloadError, match="cannot reach the S3 endpoint") as info:
         fetch(Source("s3://bkt-name/a.bin", sha256=PAYLOAD_SHA256), tmp_path,
               s3_endpoint_url=endpoint, retries=0, timeout=5, progress=False)
