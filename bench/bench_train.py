@@ -61,6 +61,8 @@ def main() -> None:
     sampler = GlobalBatchSampler(len(ds), tp.batch_size)
     loader = DataLoader(ds, batch_sampler=sampler, num_workers=tp.loader_workers, collate_fn=detection_collate,
                         persistent_workers=True)
+    if tp.channels_last:  # the same memory format as the Ray path (train.channels_last)
+        model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(param_groups(model, tp.weight_decay), lr=tp.scaled_lr, momentum=tp.momentum)
     sched = LRSchedule(args.epochs * len(sampler), warmup_iters=len(sampler)).scheduler(opt)
     crit = MultiBoxLoss(model.priors)
@@ -68,7 +70,8 @@ def main() -> None:
     for epoch in range(args.epochs):
         sampler.set_epoch(epoch)
         ds.set_epoch(epoch)
-        stats = train_one_epoch(model, loader, crit, opt, sched, TrainState(), device=torch.device("cpu"))
+        stats = train_one_epoch(model, loader, crit, opt, sched, TrainState(), device=torch.device("cpu"),
+                                channels_last=tp.channels_last)
         plain.append(stats.images_per_second)
 
     # Ray Train, one worker with all CPUs.
