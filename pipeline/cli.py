@@ -124,9 +124,9 @@ def cmd_import_weights(args: argparse.Namespace) -> int:
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a dotted param for this run, e.g. --set train.epochs=2 (repeatable)")
+    from .params import add_params_args
+
+    add_params_args(p)
 
 
 # Stage modules that add their own subcommands (add_cli(subparsers)).

@@ -566,10 +566,10 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
 
 def add_cli(subparsers: Any) -> None:
     """Add ``fssd evaluate`` to the ``fssd`` console script's subparsers."""
+    from .params import add_params_args
+
     p = subparsers.add_parser("evaluate", help="test-set mAP (VOC07, area, COCO), PR curves, speed; logged to MLflow")
-    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a dotted param for this run, e.g. --set evaluate.batch_size=8 (repeatable)")
+    add_params_args(p, "evaluate.batch_size=8")
     p.add_argument("--checkpoint", default="models/fssd.pt", help="checkpoint to evaluate (default: models/fssd.pt)")
     p.add_argument("--metrics-out", default="metrics/eval.json")
     p.add_argument("--plots-dir", default="plots")

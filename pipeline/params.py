@@ -365,3 +365,10 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def add_params_args(parser: Any, example: str = "train.epochs=2") -> None:
+    """``--params`` and repeatable ``--set KEY=VALUE`` on a stage's argparse parser."""
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help=f"override a dotted param for this run, e.g. --set {example} (repeatable)")

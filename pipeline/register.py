@@ -441,10 +441,10 @@ def _cmd_register(args: argparse.Namespace) -> int:
 
 def add_cli(subparsers: Any) -> None:
     """Add ``fssd register`` to the ``fssd`` console script's subparsers."""
+    from .params import add_params_args
+
     p = subparsers.add_parser("register", help="log the model to MLflow, register a version, move the champion alias")
-    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a dotted param for this run, e.g. --set register.alias=staging (repeatable)")
+    add_params_args(p, "register.alias=staging")
     p.add_argument("--checkpoint", default="models/fssd.pt")
     p.add_argument("--eval-metrics", default="metrics/eval.json")
     p.add_argument("--train-metrics", default="metrics/train.json")

@@ -37,7 +37,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import yaml
 
 from . import tracking
-from .params import ParamsError, Params, apply_overrides, flatten, load_params, parse_set
+from .params import ParamsError, Params, add_params_args, apply_overrides, flatten, load_params, parse_set
 
 __all__ = [
     "SpaceEntry",
@@ -871,9 +871,7 @@ def handler(args: argparse.Namespace) -> int:
 
 def add_cli(subparsers: Any) -> None:
     p = subparsers.add_parser("tune", help="search tune.space with Ray Tune (ASHA), one Ray Train run per trial")
-    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a dotted param for this run, e.g. --set tune.num_samples=8 (repeatable)")
+    add_params_args(p, "tune.num_samples=8")
     p.add_argument("--best-out", default="tune/best.json", help="the best trial's overrides and checkpoint")
     p.add_argument("--checkpoint-out", default="tune/best_checkpoint.pt", help="local copy of the best checkpoint")
     p.add_argument("--metrics-out", default="metrics/tune.json")

@@ -30,8 +30,9 @@ def reference():
     return torch.load(REFERENCE, weights_only=False)
 
 
-def write_params(path: Path, data_root: Path, tmp: Path, **overrides) -> Path:
-    """A params.yaml for a tiny, fast run: lite preset at 96 px, batch 8, everything in ``tmp``."""
+def write_params(path: Path, data_root: Path, tmp: Path, space: dict | None = None, **overrides) -> Path:
+    """A params.yaml for a tiny, fast run: lite preset at 96 px, batch 8, everything in ``tmp``;
+    ``tune.space`` replaced by ``space`` when given."""
     import yaml
 
     from pipeline.params import apply_overrides
@@ -51,13 +52,16 @@ def write_params(path: Path, data_root: Path, tmp: Path, **overrides) -> Path:
         "mlflow.tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}",
     }
     base.update(overrides)
-    path.write_text(yaml.safe_dump(apply_overrides(raw, base), sort_keys=False))
+    raw = apply_overrides(raw, base)
+    if space is not None:
+        raw["tune"]["space"] = space
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_params():
-    """``make_params(path, data_root, tmp, **dotted_overrides)`` writes a tiny-run params.yaml."""
+    """``make_params(path, data_root, tmp, space=None, **dotted_overrides)`` writes a tiny-run params.yaml."""
     return write_params
 
 

@@ -27,37 +27,9 @@ import signal
 from pathlib import Path
 
 import pytest
-import yaml
 from ray.tune import Callback
 
-from pipeline.params import ParamsError, apply_overrides, load_params
-
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _write(tmp_path: Path, data_root: Path, space: dict | None = None, name: str = "params.yaml", **overrides) -> Path:
-    """A tiny-run params.yaml in ``tmp_path`` (lite at 96 px, batch 8, storage and MLflow inside
-    ``tmp_path``), ``tune.space`` replaced by ``space`` when given."""
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    base = {
-        "data.root": str(data_root),
-        "model.input_size": 96,
-        "model.fusion_channels": 16,
-        "train.batch_size": 8,
-        "train.loader_workers": 0,
-        "train.warmup_epochs": 0.5,
-        "train.storage_path": str(tmp_path / "ray_results" / "train"),
-        "tune.storage_path": str(tmp_path / "ray_results" / "tune"),
-        "mlflow.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
-        **overrides,
-    }
-    raw = apply_overrides(raw, base)
-    if space is not None:
-        raw["tune"]["space"] = space
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
+from pipeline.params import ParamsError, load_params
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,24 +57,24 @@ BAD_SPACES = [
 
 
 @pytest.mark.parametrize("key,spec,message", BAD_SPACES, ids=[f"{k}-{m[:18]}" for k, _, m in BAD_SPACES])
-def test_invalid_space_is_rejected_before_any_trial(tiny_data, tmp_path, monkeypatch, key, spec, message):
+def test_invalid_space_is_rejected_before_any_trial(tiny_data, tmp_path, monkeypatch, key, spec, message, make_params):
     from pipeline import tune
 
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started for an invalid space")
 
     monkeypatch.setattr(tune, "init_ray", no_ray)
-    p = _write(tmp_path, tiny_data, {"model.fusion_channels": {"choice": [16, 32]}, key: spec})
+    p = make_params(tmp_path / "params.yaml", tiny_data, tmp_path, {"model.fusion_channels": {"choice": [16, 32]}, key: spec})
     with pytest.raises(ParamsError) as e:
         tune.run_search(p, best_out=tmp_path / "best.json", metrics_out=tmp_path / "tune.json")
     assert f"tune.space.{key}" in str(e.value) and message in str(e.value), str(e.value)
     assert not (tmp_path / "best.json").exists()
 
 
-def test_cli_rejects_a_bad_space_from_set_naming_the_key(tiny_data, tmp_path, capsys):
+def test_cli_rejects_a_bad_space_from_set_naming_the_key(tiny_data, tmp_path, capsys, make_params):
     from pipeline.cli import main
 
-    p = _write(tmp_path, tiny_data)
+    p = make_params(tmp_path / "params.yaml", tiny_data, tmp_path)
     rc = main(["tune", "--params", str(p), "--set", "tune.space.model.fusion_channels={choice: [64, big]}",
                "--best-out", str(tmp_path / "best.json")])
     assert rc == 2
@@ -111,20 +83,20 @@ def test_cli_rejects_a_bad_space_from_set_naming_the_key(tiny_data, tmp_path, ca
     assert not (tmp_path / "best.json").exists()
 
 
-def test_search_grid_needs_finite_values_and_optuna_no_grid(tiny_data, tmp_path):
+def test_search_grid_needs_finite_values_and_optuna_no_grid(tiny_data, tmp_path, make_params):
     from pipeline.tune import validate_space
 
-    p = _write(tmp_path, tiny_data)  # the default space: a choice and two uniforms
+    p = make_params(tmp_path / "params.yaml", tiny_data, tmp_path)  # the default space: a choice and two uniforms
     with pytest.raises(ParamsError, match=r"tune.space.priors.min_scale: tune.search is 'grid'"):
         validate_space(p, {"tune.search": "grid"})
-    p = _write(tmp_path, tiny_data, {"model.fusion_channels": {"grid": [16, 32]}})
+    p = make_params(tmp_path / "params.yaml", tiny_data, tmp_path, {"model.fusion_channels": {"grid": [16, 32]}})
     with pytest.raises(ParamsError, match=r"optuna.*model.fusion_channels"):
         validate_space(p, {"tune.search": "optuna"})
     with pytest.raises(ParamsError, match="tune.space is empty"):
-        validate_space(_write(tmp_path, tiny_data, {}))
+        validate_space(make_params(tmp_path / "params.yaml", tiny_data, tmp_path, {}))
 
 
-def test_optuna_missing_says_how_to_install(tiny_data, tmp_path, monkeypatch):
+def test_optuna_missing_says_how_to_install(tiny_data, tmp_path, monkeypatch, make_params):
     import builtins
 
     from pipeline import tune
@@ -138,12 +110,12 @@ def test_optuna_missing_says_how_to_install(tiny_data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", fake_import)
     monkeypatch.setattr(tune, "init_ray", lambda *a, **k: pytest.fail("Ray started without optuna"))
-    p = _write(tmp_path, tiny_data)
+    p = make_params(tmp_path / "params.yaml", tiny_data, tmp_path)
     with pytest.raises(ParamsError, match="uv add optuna"):
         tune.run_search(p, {"tune.search": "optuna"})
 
 
-def test_space_builds_tune_domains(tiny_data, tmp_path):
+def test_space_builds_tune_domains(tiny_data, tmp_path, make_params):
     from ray import tune as rt
 
     from pipeline.tune import expected_trials, param_space, validate_space
@@ -155,7 +127,7 @@ def test_space_builds_tune_domains(tiny_data, tmp_path):
         "seed": {"randint": [3, 3]},
         "train.batch_size": {"grid_search": [8, 16]},
     }
-    params, entries = validate_space(_write(tmp_path, tiny_data, space))
+    params, entries = validate_space(make_params(tmp_path / "params.yaml", tiny_data, tmp_path, space))
     assert [e.key for e in entries] == list(space)
     built, pure_grid = param_space(entries, "random")
     assert not pure_grid
@@ -170,20 +142,20 @@ def test_space_builds_tune_domains(tiny_data, tmp_path):
     assert expected_trials(entries[:2], "random", 4) == 4
 
 
-def test_search_name_is_deterministic_and_tracks_the_space(tiny_data, tmp_path):
+def test_search_name_is_deterministic_and_tracks_the_space(tiny_data, tmp_path, make_params):
     from pipeline.tune import search_name
 
-    p = _write(tmp_path, tiny_data)
+    p = make_params(tmp_path / "params.yaml", tiny_data, tmp_path)
     a, b = search_name(load_params(p)), search_name(load_params(p, {"tune.storage_path": "elsewhere"}))
     assert a == b and a.startswith("tune-synthetic-fssd_lite-")
     assert search_name(load_params(p, {"tune.space.train.lr": {"loguniform": [0.01, 0.1]}})) != a
     assert search_name(load_params(p, {"tune.num_samples": 9})) != a
 
 
-def test_trial_resources_fit_the_cluster(tiny_data, tmp_path):
+def test_trial_resources_fit_the_cluster(tiny_data, tmp_path, make_params):
     from pipeline.tune import _driver_resources, trial_resources
 
-    params = load_params(_write(tmp_path, tiny_data))
+    params = load_params(make_params(tmp_path / "params.yaml", tiny_data, tmp_path))
     r = trial_resources(params, {"CPU": 2.0})
     assert (r["num_workers"], r["cpus_per_worker"], r["max_concurrent_trials"]) == (1, 2.0, 1)
     r = trial_resources(load_params(tmp_path / "params.yaml", {"tune.cpus_per_worker": 1}), {"CPU": 2.0})
@@ -253,14 +225,14 @@ def tune_ray(ray_session):
 
 
 @pytest.fixture(scope="module")
-def search(tiny_data, tune_ray, tmp_path_factory):
+def search(tiny_data, tune_ray, tmp_path_factory, make_params):
     """Run the 2 x 2 grid search, interrupted after three trials, then resumed to the end."""
     from pipeline.tune import TEST_SCORE_OFFSETS_ENV, run_search
 
     tmp = tmp_path_factory.mktemp("tune")
     missing = tmp / "no-such-data"
     space = {"data.root": {"grid": [str(tiny_data), str(missing)]}, "model.fusion_channels": {"grid": [24, 32]}}
-    p = _write(tmp, tiny_data, space, **{
+    p = make_params(tmp / "params.yaml", tiny_data, tmp, space, **{
         "tune.epochs": 3, "tune.scheduler.grace_period": 1, "tune.scheduler.reduction_factor": 2,
         "train.max_failures": 0, "train.use_tuned": True,
     })
