@@ -54,6 +54,7 @@ def cmd_download(args: argparse.Namespace) -> int:
         dataset=d.dataset, data_root=Path(d.root),
         sources=[dataclasses.asdict(s) for s in d.sources],
         synthetic_images=d.synthetic.num_images, synthetic_seed=d.synthetic.seed,
+        synthetic_scenes=d.synthetic.scene_kwargs(),
         s3_endpoint_url=d.s3.endpoint_url, s3_profile=d.s3.profile,
     )
     _timed_metrics(Path(args.metrics_out), started, {"dataset": d.dataset, "files": len(summary["files"]),

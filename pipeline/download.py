@@ -1471,13 +1471,15 @@ def run_download(
     sources: Iterable[Mapping[str, Any]] = (),
     synthetic_images: int = 3300,
     synthetic_seed: int = 0,
+    synthetic_scenes: Mapping[str, Any] | None = None,
     s3_endpoint_url: str | None = None,
     s3_profile: str | None = None,
 ) -> dict[str, Any]:
     """Bring the dataset into ``data_root/downloads`` and extract it into ``data_root/raw``.
 
     The synthetic set is generated as a tar archive in downloads and then goes through the same
-    safe extraction as PASCAL VOC. Returns a summary (files, bytes).
+    safe extraction as PASCAL VOC; ``synthetic_scenes`` are extra ``generate_scenes`` keyword
+    arguments (scene difficulty), part of the archive's name. Returns a summary (files, bytes).
     """
     downloads, raw = Path(data_root) / "downloads", Path(data_root) / "raw"
     downloads.mkdir(parents=True, exist_ok=True)
@@ -1485,9 +1487,12 @@ def run_download(
     if dataset == "synthetic":
         from fssd.data.synthetic import write_scenes_archive
 
-        archive = downloads / f"synthetic-{synthetic_images}-seed{synthetic_seed}.tar"
+        scenes = dict(synthetic_scenes or {})
+        # the archive's name says everything its bytes depend on, so a changed knob regenerates it
+        knobs = hashlib.sha256(json.dumps(scenes, sort_keys=True, default=list).encode()).hexdigest()[:8]
+        archive = downloads / f"synthetic-{synthetic_images}-seed{synthetic_seed}-{knobs}.tar"
         if not archive.is_file():
-            write_scenes_archive(archive, synthetic_images, synthetic_seed)
+            write_scenes_archive(archive, synthetic_images, synthetic_seed, **scenes)
         safe_extract(archive, raw)
         files = [archive]
     else:

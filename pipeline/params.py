@@ -54,8 +54,30 @@ class S3Params:
 
 @dataclass(frozen=True)
 class SyntheticParams:
+    """The embedded scene set (fssd.data.synthetic.generate_scenes); the defaults are its defaults."""
+
     num_images: int = 3300
     seed: int = 0
+    objects_per_image: tuple[int, int] = (1, 6)
+    object_size_range: tuple[float, float] = (0.1, 0.6)
+    max_occlusion: float = 0.4
+
+    def __post_init__(self) -> None:
+        lo, hi = self.objects_per_image
+        if not 1 <= lo <= hi <= 127:
+            raise ParamsError(f"data.synthetic.objects_per_image must be [min, max] with 1 <= min <= max <= 127, "
+                              f"got {list(self.objects_per_image)}")
+        flo, fhi = self.object_size_range
+        if not 0 < flo <= fhi <= 1.5:
+            raise ParamsError(f"data.synthetic.object_size_range must be [min, max] fractions of the shorter image "
+                              f"side with 0 < min <= max <= 1.5, got {list(self.object_size_range)}")
+        if not 0 <= self.max_occlusion < 1:
+            raise ParamsError(f"data.synthetic.max_occlusion must be in [0, 1), got {self.max_occlusion!r}")
+
+    def scene_kwargs(self) -> dict[str, Any]:
+        """The scene knobs as generate_scenes keyword arguments."""
+        return {"objects_per_image": tuple(self.objects_per_image),
+                "object_size_range": tuple(self.object_size_range), "max_occlusion": self.max_occlusion}
 
 
 @dataclass(frozen=True)
@@ -99,6 +121,24 @@ class PriorParams:
 
 
 @dataclass(frozen=True)
+class AugmentParams:
+    """Training augmentation; the defaults are SSD's (photometric distortion, zoom-out, min-IoU crop, flip)."""
+
+    photometric: bool = True
+    zoom_out: float = 4.0
+    p_zoom_out: float = 0.5
+    crop: bool = True
+    flip: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.zoom_out < 1:
+            raise ParamsError(f"train.augment.zoom_out must be >= 1 (1 turns the zoom-out off), got {self.zoom_out!r}")
+        for name in ("p_zoom_out", "flip"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ParamsError(f"train.augment.{name} must be a probability in [0, 1], got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
 class TrainParams:
     epochs: int = 14
     batch_size: int = 32
@@ -132,6 +172,7 @@ class TrainParams:
     max_images: int | None = None
     max_bad_steps: int = 20
     log_every: int = 20
+    augment: AugmentParams = field(default_factory=AugmentParams)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "lr_reference_batch", "num_workers", "keep_checkpoints", "val_every", "max_bad_steps", "log_every"):

@@ -27,10 +27,10 @@ from typing import Any
 import torch
 
 from fssd.checkpoint import load_checkpoint, save_checkpoint
-from fssd.config import DetectorConfig, PostprocessConfig
+from fssd.config import DetectorConfig, PostprocessConfig, from_dict
 from fssd.models.presets import build_detector
 
-from .params import Params, TrainParams, detector_config, flatten
+from .params import AugmentParams, Params, TrainParams, detector_config, flatten
 from . import tracking
 from .io import atomic_write_json
 
@@ -132,6 +132,16 @@ def make_job(params: Params, *, epochs: int | None = None, init_checkpoint: str 
 # --------------------------------------------------------------------------------------------
 
 
+def augmentation(aug: AugmentParams, input_size: int, mean: tuple[float, float, float],
+                 std: tuple[float, float, float]) -> Any:
+    """The training transform that ``train.augment`` describes (fssd.data.transforms.train_transform)."""
+    from fssd.data.transforms import SSD_CROP_MODES, train_transform
+
+    return train_transform(input_size, mean, std, photometric=aug.photometric, expand_max_ratio=aug.zoom_out,
+                           p_expand=aug.p_zoom_out, crop_modes=SSD_CROP_MODES if aug.crop else (None,),
+                           p_flip=aug.flip)
+
+
 def _rng_state() -> dict[str, Any]:
     import random
 
@@ -189,13 +199,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from fssd.data.collate import detection_collate
     from fssd.data.dataset import DetectionDataset
     from fssd.data.sampler import GlobalBatchSampler
-    from fssd.data.transforms import eval_transform, train_transform
+    from fssd.data.transforms import eval_transform
     from fssd.engine import LRSchedule, TrainState, make_ema, param_groups, predict, gather_detections, train_one_epoch
     from fssd.evaluation import voc_map
     from fssd.loss import MultiBoxLoss
 
     job = TrainJob.from_dict(config)
-    tp = TrainParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in job.train.items()})
+    tp = from_dict(TrainParams, job.train, "train")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -207,7 +217,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     m = cfg.model
 
     train_ds = DetectionDataset(Path(job.train_json), Path(job.data_root),
-                                train_transform(m.input_size, m.image_mean, m.image_std), seed=job.seed)
+                                augmentation(tp.augment, m.input_size, m.image_mean, m.image_std), seed=job.seed)
     val_ds = DetectionDataset(Path(job.val_json), Path(job.data_root),
                               eval_transform(m.input_size, m.image_mean, m.image_std), skip_ignored=False)
     train_set = train_ds
@@ -286,6 +296,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         def on_step(i: int, stats: Any) -> None:
             if bar is not None:
                 bar.update(1)
+            elif rank == 0 and (i + 1) % tp.log_every == 0 and i + 1 < steps:
+                log.info(f"[fssd] epoch {epoch + 1}/{job.epochs} step {i + 1}/{steps} lr {stats.lr:.5f} "
+                         f"{stats.images_per_second * world:.1f} img/s")
             if job.test_kill_at_epoch == epoch and i == 1 and rank == world - 1 and job.test_kill_marker:
                 marker = Path(job.test_kill_marker)
                 if not marker.exists():

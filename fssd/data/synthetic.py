@@ -1,8 +1,8 @@
 """Deterministic synthetic detection scenes in the PASCAL VOC layout.
 
 The embedded default dataset: coloured geometric shapes (``CLASSES``) on textured, noisy
-backgrounds, with overlaps, partial occlusion, truncation by the image border and tiny
-("difficult") objects. Written as::
+backgrounds, with overlaps, partial occlusion and truncation by the image border (an object whose
+visible box is tiny is marked "difficult"). Written as::
 
     <out_dir>/JPEGImages/<id>.jpg
     <out_dir>/Annotations/<id>.xml        VOC XML, boxes 1-based inclusive ints
@@ -521,9 +521,9 @@ def generate_scenes(
     max_size: int = 500,
     jpeg_quality: int = 90,
     difficult_side_px: int = 16,
-    objects_per_image: tuple[int, int] = (1, 10),
-    object_size_range: tuple[float, float] = (0.05, 0.8),
-    max_occlusion: float = 0.6,
+    objects_per_image: tuple[int, int] = (1, 6),
+    object_size_range: tuple[float, float] = (0.1, 0.6),
+    max_occlusion: float = 0.4,
     workers: int | None = None,
 ) -> dict:
     """Generate ``num_images`` scenes into ``out_dir`` (PASCAL VOC layout); return a summary.
@@ -541,6 +541,8 @@ def generate_scenes(
             pixels is marked ``difficult``.
         objects_per_image: inclusive range of shapes attempted per image (at least one is placed).
         object_size_range: shape diameter as a fraction of the shorter image side, log-uniform.
+            The default's smallest shapes (25 px on a 250 px side) are about the size of the
+            smallest prior of the lite FSSD at 256 px; shapes far below it cannot be matched.
         max_occlusion: a shape may never lose more than this fraction of its in-image area to
             later shapes (candidates that would are rejected before they are drawn).
         workers: processes; default: up to the CPU count for large sets, 1 for small ones.

@@ -789,3 +789,22 @@ def test_presets_have_official_urls_and_checksums():
     assert len(resolve_preset("voc2007")) == 2
     with pytest.raises(ValueError, match="unknown dataset preset 'voc2010'.*voc0712"):
         resolve_preset("voc2010")
+
+
+def test_synthetic_archive_is_named_by_its_scene_knobs(tmp_path):
+    """Same knobs: the archive is reused. Changed knobs: a new archive, and raw/ holds the new scenes."""
+    easy = {"objects_per_image": (1, 2), "object_size_range": (0.3, 0.5), "max_occlusion": 0.2}
+    busy = {**easy, "objects_per_image": (5, 6)}
+    first = dl.run_download(dataset="synthetic", data_root=tmp_path, synthetic_images=10, synthetic_scenes=easy)
+    archive = Path(first["files"][0])
+    stamp = archive.stat().st_mtime_ns
+    again = dl.run_download(dataset="synthetic", data_root=tmp_path, synthetic_images=10, synthetic_scenes=easy)
+    assert again["files"] == first["files"] and archive.stat().st_mtime_ns == stamp
+
+    def objects() -> int:
+        return sum(p.read_text().count("<object>") for p in (tmp_path / "raw" / "synthetic" / "Annotations").glob("*.xml"))
+
+    assert objects() <= 20
+    other = dl.run_download(dataset="synthetic", data_root=tmp_path, synthetic_images=10, synthetic_scenes=busy)
+    assert other["files"] != first["files"] and archive.is_file()
+    assert objects() > 20  # at least one image got more than the easy set's two shapes

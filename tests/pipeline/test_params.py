@@ -33,6 +33,12 @@ def test_set_overrides_are_typed_and_checked():
         ("train.sync_bn=true", "train.sync_bn needs train.use_gpu"),
         ("train.lr.x=1", "train.lr is not a mapping"),
         ("notakey", "--set expects key=value"),
+        ("train.augment.zoom_out=0.5", r"train.augment.zoom_out must be >= 1"),
+        ("train.augment.flip=2", "train.augment.flip must be a probability"),
+        ("train.augment.crop=maybe", "train.augment.crop must be"),
+        ("data.synthetic.objects_per_image=[3, 1]", r"data.synthetic.objects_per_image must be \[min, max\]"),
+        ("data.synthetic.object_size_range=[0.5]", "data.synthetic.object_size_range must have 2 values"),
+        ("data.synthetic.max_occlusion=1", r"data.synthetic.max_occlusion must be in \[0, 1\)"),
     ],
 )
 def test_bad_params_name_the_key(item, message):
@@ -48,3 +54,40 @@ def test_search_space_keys_are_free_form():
 def test_missing_params_file_names_it(tmp_path):
     with pytest.raises(ParamsError, match="nope.yaml does not exist"):
         load_params(tmp_path / "nope.yaml")
+
+
+def test_augment_params_choose_the_training_transform():
+    import numpy as np
+    import torch
+
+    from fssd.data.transforms import eval_transform
+    from pipeline.params import AugmentParams
+    from pipeline.train import augmentation
+
+    mean, std = (123.0, 117.0, 104.0), (1.0, 1.0, 1.0)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(60, 80, 3), dtype=np.uint8)
+    boxes, labels = np.array([[0.1, 0.2, 0.5, 0.7], [0.6, 0.1, 0.9, 0.4]]), [1, 2]
+    off = augmentation(AugmentParams(photometric=False, zoom_out=1.0, crop=False, flip=0.0), 64, mean, std)
+    ref = eval_transform(64, mean, std)(image=image, bboxes=boxes, labels=labels)
+    for _ in range(3):  # with everything off the training transform is the evaluation transform
+        out = off(image=image, bboxes=boxes, labels=labels)
+        assert torch.equal(out["image"], ref["image"])
+        np.testing.assert_allclose(np.asarray(out["bboxes"]), np.asarray(ref["bboxes"]), atol=1e-6)
+    flipped = augmentation(AugmentParams(photometric=False, zoom_out=1.0, crop=False, flip=1.0), 64, mean, std)
+    out = flipped(image=image, bboxes=boxes, labels=labels)
+    assert torch.equal(out["image"], ref["image"].flip(-1))
+    names = [type(t).__name__ for t in augmentation(AugmentParams(), 64, mean, std).transforms]
+    assert "ZoomOut" in names and "MinIoURandomCrop" in names  # the defaults are SSD's
+
+
+def test_synthetic_params_defaults_are_the_generators():
+    import inspect
+
+    from fssd.data.synthetic import generate_scenes
+    from pipeline.params import SyntheticParams
+
+    sig = inspect.signature(generate_scenes).parameters
+    assert SyntheticParams().scene_kwargs() == {k: sig[k].default for k in SyntheticParams().scene_kwargs()}
+    shipped = load_params(REPO / "params.yaml").data.synthetic
+    assert shipped == SyntheticParams()  # params.yaml shows the generator's defaults

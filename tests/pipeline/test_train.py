@@ -80,7 +80,7 @@ def test_worker_killed_resumes_without_duplicate_mlflow_steps(tiny_data, ray_ses
 def test_interrupted_train_continues_at_next_epoch(tiny_data, tmp_path, make_params):
     """SIGINT after epoch 1 of 3; the re-run resumes at epoch 2 instead of starting over."""
     p = make_params(tmp_path / "params.yaml", tiny_data, tmp_path,
-                     **{"train.epochs": 3, "train.use_tuned": False})
+                     **{"train.epochs": 3, "train.use_tuned": False, "train.log_every": 2})
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "pipeline.cli", "train", "--params", str(p)]
@@ -106,4 +106,6 @@ def test_interrupted_train_continues_at_next_epoch(tiny_data, tmp_path, make_par
     log = out.stdout + out.stderr
     assert "resumed" in log and "from epoch 2/3" in log, log[-3000:]
     assert "[fssd] epoch 1/3" not in log
+    assert "[fssd] epoch 2/3 step 2/4" in log  # train.log_every progress lines (no terminal here)
     assert json.loads((tmp_path / "metrics" / "train.json").read_text())["epochs"] == 3
+

@@ -45,7 +45,9 @@ def _objects(xml_path: Path) -> tuple[tuple[int, int], list[dict]]:
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("syn") / "synthetic"
-    summary = generate_scenes(out, 50, seed=3, workers=1)
+    # harder than the default scenes, so that tiny (difficult) objects occur
+    summary = generate_scenes(out, 50, seed=3, workers=1, objects_per_image=(1, 10),
+                              object_size_range=(0.05, 0.8), max_occlusion=0.6)
     return out, summary
 
 
@@ -98,6 +100,17 @@ def test_content(scenes):
     assert truncated > 0 and summary["num_truncated"] == truncated
     assert at_border >= 0.9 * truncated
     assert min(sides) < 0.07 and max(sides) > 0.5  # ~5% .. 80% of the image side
+
+
+def test_default_scenes_stay_in_their_ranges(tmp_path):
+    summary = generate_scenes(tmp_path / "d", 20, seed=4, workers=1)
+    counts, sides = [], []
+    for xml in (tmp_path / "d" / "Annotations").glob("*.xml"):
+        (w, h), objs = _objects(xml)
+        counts.append(len(objs))
+        sides += [max(o["box"][2] - o["box"][0] + 1, o["box"][3] - o["box"][1] + 1) / min(w, h) for o in objs]
+    assert 1 <= min(counts) and max(counts) <= 6 and summary["num_objects"] == sum(counts)
+    assert max(sides) <= 0.64  # at most the diameter (60% of the side); a cross reaches 1.06x its radius
 
 
 def test_boxes_are_tight_on_a_plain_scene(monkeypatch):
