@@ -212,6 +212,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cuda = device.type == "cuda"
     if not cuda:
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "0")) or (os.cpu_count() or 1) // max(1, ctx.get_local_world_size())))
+    if rank == 0:
+        log.info(f"[fssd] worker on {device}" + ("" if cuda else f", {torch.get_num_threads()} torch threads")
+                 + f", OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
     torch.manual_seed(job.seed + rank)
     cfg = DetectorConfig.from_dict(job.detector)
     m = cfg.model
