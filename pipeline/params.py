@@ -63,16 +63,12 @@ class SyntheticParams:
     max_occlusion: float = 0.4
 
     def __post_init__(self) -> None:
-        lo, hi = self.objects_per_image
-        if not 1 <= lo <= hi <= 127:
-            raise ParamsError(f"data.synthetic.objects_per_image must be [min, max] with 1 <= min <= max <= 127, "
-                              f"got {list(self.objects_per_image)}")
-        flo, fhi = self.object_size_range
-        if not 0 < flo <= fhi <= 1.5:
-            raise ParamsError(f"data.synthetic.object_size_range must be [min, max] fractions of the shorter image "
-                              f"side with 0 < min <= max <= 1.5, got {list(self.object_size_range)}")
-        if not 0 <= self.max_occlusion < 1:
-            raise ParamsError(f"data.synthetic.max_occlusion must be in [0, 1), got {self.max_occlusion!r}")
+        from fssd.data.synthetic import check_scene_args
+
+        try:
+            check_scene_args(**self.scene_kwargs())
+        except ValueError as e:
+            raise ParamsError(f"data.synthetic.{e}") from None
 
     def scene_kwargs(self) -> dict[str, Any]:
         """The scene knobs as generate_scenes keyword arguments."""

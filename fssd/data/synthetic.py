@@ -39,7 +39,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-__all__ = ["CLASSES", "generate_scenes", "write_scenes_archive"]
+__all__ = ["CLASSES", "check_scene_args", "generate_scenes", "write_scenes_archive"]
 
 #: Shape classes, in the order of their contiguous category ids 1..K.
 CLASSES: tuple[str, ...] = ("circle", "cross", "ellipse", "hexagon", "square", "star", "triangle")
@@ -501,12 +501,20 @@ def _validate(
         raise ValueError(f"jpeg_quality must be in 1..100, got {jpeg_quality}")
     if difficult_side_px < 0:
         raise ValueError(f"difficult_side_px must be >= 0, got {difficult_side_px}")
+    check_scene_args(objects_per_image, object_size_range, max_occlusion)
+
+
+def check_scene_args(
+    objects_per_image: tuple[int, int], object_size_range: tuple[float, float], max_occlusion: float
+) -> None:
+    """Raise ``ValueError`` naming the argument when a scene knob of :func:`generate_scenes` is invalid."""
     lo, hi = objects_per_image
     if not (1 <= lo <= hi <= 127):
-        raise ValueError(f"objects_per_image must satisfy 1 <= min <= max <= 127, got {objects_per_image}")
+        raise ValueError(f"objects_per_image must satisfy 1 <= min <= max <= 127, got {list(objects_per_image)}")
     flo, fhi = object_size_range
     if not (0 < flo <= fhi <= 1.5):
-        raise ValueError(f"object_size_range must satisfy 0 < min <= max <= 1.5, got {object_size_range}")
+        raise ValueError(f"object_size_range must satisfy 0 < min <= max <= 1.5 (fractions of the shorter "
+                         f"image side), got {list(object_size_range)}")
     if not (0.0 <= max_occlusion < 1.0):
         raise ValueError(f"max_occlusion must be in [0, 1), got {max_occlusion}")
 

@@ -36,7 +36,7 @@ def test_set_overrides_are_typed_and_checked():
         ("train.augment.zoom_out=0.5", r"train.augment.zoom_out must be >= 1"),
         ("train.augment.flip=2", "train.augment.flip must be a probability"),
         ("train.augment.crop=maybe", "train.augment.crop must be"),
-        ("data.synthetic.objects_per_image=[3, 1]", r"data.synthetic.objects_per_image must be \[min, max\]"),
+        ("data.synthetic.objects_per_image=[3, 1]", r"data.synthetic.objects_per_image must satisfy 1 <= min <= max <= 127, got \[3, 1\]"),
         ("data.synthetic.object_size_range=[0.5]", "data.synthetic.object_size_range must have 2 values"),
         ("data.synthetic.max_occlusion=1", r"data.synthetic.max_occlusion must be in \[0, 1\)"),
     ],
