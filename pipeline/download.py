@@ -1489,7 +1489,7 @@ def run_download(
 
         scenes = dict(synthetic_scenes or {})
         # the archive's name says everything its bytes depend on, so a changed knob regenerates it
-        knobs = hashlib.sha256(json.dumps(scenes, sort_keys=True, default=list).encode()).hexdigest()[:8]
+        knobs = hashlib.sha256(json.dumps(scenes, sort_keys=True).encode()).hexdigest()[:8]
         archive = downloads / f"synthetic-{synthetic_images}-seed{synthetic_seed}-{knobs}.tar"
         if not archive.is_file():
             write_scenes_archive(archive, synthetic_images, synthetic_seed, **scenes)
