@@ -23,7 +23,19 @@ __all__ = [
     "DetectorConfig",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "IGNORED_MODES",
+    "WEIGHT_INITS",
 ]
+
+#: How the layers that no ImageNet file fills are initialised: ``pytorch`` (PyTorch's defaults),
+#: ``authors`` (the authors' training script, see :func:`fssd.models.fssd.authors_init`).
+WEIGHT_INITS: tuple[str, ...] = ("pytorch", "authors")
+
+#: What training does with objects marked ``ignore: 1`` (VOC "difficult", COCO crowd):
+#: ``target`` trains on them like any object (the authors' code: keep_difficult=True),
+#: ``ignore`` makes them ignore regions (priors matching one are neither positive nor negative),
+#: ``drop`` removes them (their regions become background and may be mined as hard negatives).
+IGNORED_MODES: tuple[str, ...] = ("target", "ignore", "drop")
 
 # torchvision's ImageNet VGG16 normalisation, on the 0-255 pixel scale, RGB order.
 IMAGENET_MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)
@@ -129,8 +141,11 @@ class ModelConfig:
     align_corners: bool = True
     image_mean: tuple[float, float, float] = IMAGENET_MEAN
     image_std: tuple[float, float, float] = IMAGENET_STD
+    weight_init: str = "pytorch"
 
     def __post_init__(self) -> None:
+        if self.weight_init not in WEIGHT_INITS:
+            raise ConfigError(f"model.weight_init must be one of {', '.join(WEIGHT_INITS)}, got {self.weight_init!r}")
         if not isinstance(self.num_classes, int) or isinstance(self.num_classes, bool) or self.num_classes < 2:
             raise ConfigError(
                 f"model.num_classes must be an integer >= 2 (background + at least one class), got {self.num_classes!r}"

@@ -202,7 +202,9 @@ def train_one_epoch(
         saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in tracked]
         with _autocast(device, amp_dtype):
             loc, conf = model(images)
-        out = criterion(loc.float(), conf.float(), boxes, labels)
+        ignore = batch.get("ignore")
+        out = criterion(loc.float(), conf.float(), boxes, labels,
+                        ignore.to(device, non_blocking=True) if ignore is not None else None)
         loss = out.total
         if not _all_finite(loss):
             with torch.no_grad():

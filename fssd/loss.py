@@ -9,6 +9,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torchvision.ops import box_convert, box_iou
+
 from .boxes import match, validate_targets
 
 __all__ = ["MultiBoxLoss", "LossOutput"]
@@ -32,6 +34,10 @@ class MultiBoxLoss(nn.Module):
     Positives are the priors matched with IoU >= ``iou_threshold``; per image the
     ``neg_pos_ratio * num_pos`` background priors with the highest background loss are the
     negatives. Both parts are sums divided by the number of positives in the batch.
+
+    Ignore regions (``ignore`` [N, M] True, e.g. VOC difficult objects with
+    ``train.difficult: ignore``) are not matched; a prior that is not positive and overlaps one
+    with IoU >= ``iou_threshold`` is neither positive nor negative (never mined).
 
     Differences from the authors' code: a batch with no positive prior gives a zero loc loss
     and a conf loss over no negatives (no division by zero); with ``distributed=True`` and an
@@ -61,8 +67,10 @@ class MultiBoxLoss(nn.Module):
         self.distributed = distributed
         self.validate = validate
 
-    def forward(self, loc: Tensor, conf: Tensor, boxes: Tensor, labels: Tensor) -> LossOutput:
-        """``loc`` [N,P,4], ``conf`` [N,P,C] logits; targets padded as in :func:`fssd.boxes.match`."""
+    def forward(self, loc: Tensor, conf: Tensor, boxes: Tensor, labels: Tensor,
+                ignore: Tensor | None = None) -> LossOutput:
+        """``loc`` [N,P,4], ``conf`` [N,P,C] logits; targets padded as in :func:`fssd.boxes.match`;
+        ``ignore`` [N,M] bool marks the target rows that are ignore regions (optional)."""
         n, p, _ = loc.shape
         if p != self.priors.shape[0]:
             raise ValueError(f"the network gave {p} priors' outputs but the loss holds {self.priors.shape[0]} priors")
@@ -72,6 +80,18 @@ class MultiBoxLoss(nn.Module):
                 raise ValueError(
                     f"target label {int(labels.max())} is out of range for {conf.shape[-1]} classes (0 = background)"
                 )
+        ignored_priors = None
+        if ignore is not None:
+            if ignore.shape != labels.shape:
+                raise ValueError(f"ignore must have the labels' shape {tuple(labels.shape)}, got {tuple(ignore.shape)}")
+            regions = ignore.to(torch.bool) & (labels >= 0)
+            if bool(regions.any()):
+                with torch.no_grad():
+                    iou = box_iou(boxes.to(self.priors.dtype).reshape(-1, 4),
+                                  box_convert(self.priors, "cxcywh", "xyxy")).reshape(n, -1, p)
+                    iou = iou.masked_fill(~regions.unsqueeze(-1), 0.0)
+                    ignored_priors = iou.amax(dim=1) >= self.iou_threshold  # [N, P]
+            labels = labels.masked_fill(ignore.to(torch.bool), -1)  # ignore regions are never matched
         with torch.no_grad():
             loc_t, conf_t = match(
                 boxes.to(self.priors.dtype), labels, self.priors, self.iou_threshold, self.variances
@@ -87,10 +107,15 @@ class MultiBoxLoss(nn.Module):
         with torch.no_grad():
             mining = -log_probs[..., 0].detach()
             mining = mining.masked_fill(pos, 0.0)
+            if ignored_priors is not None:
+                ignored_priors = ignored_priors & ~pos
+                mining = mining.masked_fill(ignored_priors, -1.0)  # ranked after every candidate
             order = mining.argsort(dim=1, descending=True)
             rank = order.argsort(dim=1)
             num_neg = torch.clamp(self.neg_pos_ratio * num_pos_per_image, max=p - 1).long()
             neg = rank < num_neg.unsqueeze(1)
+            if ignored_priors is not None:
+                neg = neg & ~ignored_priors
         selected = pos | neg
         loss_c = F.nll_loss(log_probs[selected], conf_t[selected], reduction="sum")
 

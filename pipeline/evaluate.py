@@ -443,7 +443,7 @@ def run_evaluate(
     class_names: list[str] = list(payload["class_names"])
     cfg = model.config
     dataset = DetectionDataset(test_json, data_root, eval_transform(cfg.input_size, cfg.image_mean, cfg.image_std),
-                               skip_ignored=False)
+                               ignored="target")
     if dataset.class_names != class_names:
         raise ValueError(
             f"checkpoint {checkpoint} was trained on classes {class_names} but {test_json} has "

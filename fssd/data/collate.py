@@ -17,6 +17,8 @@ def detection_collate(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> d
     ``images`` float32 [N, 3, S, S];
     ``boxes`` float32 [N, M, 4], normalised x1, y1, x2, y2, padded rows all 0;
     ``labels`` int64 [N, M], 1..K for objects and -1 for padding;
+    ``ignore`` bool [N, M], True for ignore regions (a dataset with ``ignored="ignore"``), False
+    for objects and padding;
     ``image_ids`` int64 [N]; ``orig_sizes`` int64 [N, 2] as (h, w).
     ``M`` is the largest object count in the batch, at least 1.
     """
@@ -34,6 +36,7 @@ def detection_collate(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> d
     m = max(1, max(int(t["boxes"].shape[0]) for t in targets))
     boxes = torch.zeros((n, m, 4), dtype=torch.float32)
     labels = torch.full((n, m), -1, dtype=torch.int64)
+    ignore = torch.zeros((n, m), dtype=torch.bool)
     for i, t in enumerate(targets):
         k = int(t["boxes"].shape[0])
         if int(t["labels"].shape[0]) != k:
@@ -41,10 +44,13 @@ def detection_collate(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> d
         if k:
             boxes[i, :k] = t["boxes"].to(torch.float32)
             labels[i, :k] = t["labels"].to(torch.int64)
+            if "ignore" in t:
+                ignore[i, :k] = t["ignore"].to(torch.bool)
     return {
         "images": torch.stack(images).to(torch.float32),
         "boxes": boxes,
         "labels": labels,
+        "ignore": ignore,
         "image_ids": torch.tensor([int(t["image_id"]) for t in targets], dtype=torch.int64),
         "orig_sizes": torch.tensor([[int(s) for s in t["orig_size"]] for t in targets], dtype=torch.int64),
     }

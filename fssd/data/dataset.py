@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
+from fssd.config import IGNORED_MODES
 from fssd.data.transforms import reseed
 
 __all__ = ["DetectionDataset", "load_coco_split"]
@@ -113,7 +114,10 @@ class DetectionDataset(Dataset):
             normalised ``x1, y1, x2, y2`` boxes; must return ``image``, ``bboxes`` and ``labels``
             (see :func:`fssd.data.transforms.train_transform` / ``eval_transform``). ``None``
             returns the decoded image as a ``uint8`` tensor [3, H, W] and the boxes unchanged.
-        skip_ignored: drop objects with ``ignore: 1`` (VOC difficult) or ``iscrowd: 1``.
+        ignored: what to do with objects marked ``ignore: 1`` (VOC difficult) or ``iscrowd: 1``
+            (:data:`fssd.config.IGNORED_MODES`): ``"target"`` keeps them as ordinary objects,
+            ``"ignore"`` keeps them flagged in ``target["ignore"]`` (ignore regions for the loss),
+            ``"drop"`` removes them.
         seed: base seed of the per-sample augmentation (``>= 0``).
 
     Attributes:
@@ -128,15 +132,17 @@ class DetectionDataset(Dataset):
         image_root: Path,
         transform: Callable[..., dict[str, Any]] | None,
         *,
-        skip_ignored: bool = True,
+        ignored: str = "drop",
         seed: int = 0,
     ) -> None:
+        if ignored not in IGNORED_MODES:
+            raise ValueError(f"ignored must be one of {', '.join(IGNORED_MODES)}, got {ignored!r}")
         if not _is_int(seed) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         self.ann_file = Path(ann_file)
         self.image_root = Path(image_root)
         self.transform = transform
-        self.skip_ignored = skip_ignored
+        self.ignored = ignored
         self.seed = seed
         # The epoch sits in shared memory so that persistent DataLoader workers see set_epoch.
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
@@ -152,7 +158,7 @@ class DetectionDataset(Dataset):
         self._sizes: list[tuple[int, int]] = [(img["height"], img["width"]) for img in images]
         per_image: dict[int, list[dict[str, Any]]] = {i: [] for i in self.ids}
         for ann in data["annotations"]:
-            if skip_ignored and (ann.get("ignore", 0) or ann.get("iscrowd", 0)):
+            if ignored == "drop" and _is_ignored(ann):
                 continue
             per_image[ann["image_id"]].append(ann)
         self._boxes: list[np.ndarray] = []
@@ -162,7 +168,9 @@ class DetectionDataset(Dataset):
             xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
             boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
             boxes /= np.array([w, h, w, h], dtype=np.float64)
-            labels = np.array([a["category_id"] for a in anns], dtype=np.int64)
+            # an ignore region travels through the transform as a negative label
+            sign = -1 if ignored == "ignore" else 1
+            labels = np.array([a["category_id"] * (sign if _is_ignored(a) else 1) for a in anns], dtype=np.int64)
             boxes, labels = _valid_boxes(boxes, labels)
             self._boxes.append(boxes.astype(np.float32))
             self._labels.append(labels)
@@ -237,11 +245,16 @@ class DetectionDataset(Dataset):
             boxes, labels = _valid_boxes(boxes, labels)
         target = {
             "boxes": torch.from_numpy(boxes.astype(np.float32)),
-            "labels": torch.from_numpy(labels.astype(np.int64)),
+            "labels": torch.from_numpy(np.abs(labels).astype(np.int64)),
+            "ignore": torch.from_numpy(labels < 0),
             "image_id": int(self.ids[index]),
             "orig_size": self._sizes[index],
         }
         return tensor, target
+
+
+def _is_ignored(ann: dict[str, Any]) -> bool:
+    return bool(ann.get("ignore", 0) or ann.get("iscrowd", 0))
 
 
 def _valid_boxes(boxes: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,7 @@ from ..config import ModelConfig, PriorConfig
 from ..priors import make_priors
 from .backbone import LiteBackbone, VGG16Backbone
 
-__all__ = ["FSSD", "FeatureFusion", "feature_sizes"]
+__all__ = ["FSSD", "FeatureFusion", "feature_sizes", "authors_init"]
 
 
 class FeatureFusion(nn.Module):
@@ -76,6 +76,30 @@ def feature_sizes(model: ModelConfig) -> list[tuple[int, int]]:
     return [(int(m.shape[-2]), int(m.shape[-1])) for m in maps]
 
 
+def authors_init(model: "FSSD") -> None:
+    """The authors' initialisation of the layers that are not loaded from ImageNet.
+
+    Their training script applies one function with ``Module.apply`` to the extras, the loc and
+    conf heads, the fusion module and the pyramid: a state-dict key ending in ``weight`` that
+    contains ``conv`` gets Kaiming-normal (fan_out), one that contains ``bn`` gets 1, every
+    ``bias`` gets 0. Their fusion and pyramid layers are ``BasicConv`` blocks (keys
+    ``conv.weight``): Kaiming-normal. The extras and heads are bare ``nn.Conv2d`` (key
+    ``weight`` alone): PyTorch's default weight, zero bias. The fusion BatchNorm is not in the
+    applied modules (PyTorch's default: weight 1, bias 0).
+    """
+    basic = [*model.fusion.reduce, *(layer[0] for layer in model.pyramid)]
+    bare = [*model.loc_head, *model.conf_head]
+    extras = getattr(model.backbone, "extras", None)
+    if extras is not None:
+        bare += [m for m in extras.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        for conv in basic:
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out")
+        for conv in basic + bare:
+            if conv.bias is not None:
+                conv.bias.zero_()
+
+
 class FSSD(nn.Module):
     """Feature Fusion Single Shot Multibox Detector.
 
@@ -104,6 +128,8 @@ class FSSD(nn.Module):
         )
         self.feature_sizes = feature_sizes(model)
         self.register_buffer("priors", make_priors(self.feature_sizes, model.input_size, priors), persistent=False)
+        if model.weight_init == "authors":
+            authors_init(self)
 
     def _pyramid_maps(self, images: Tensor) -> list[Tensor]:
         return _pyramid_maps(self.backbone, self.fusion, self.pyramid, images)

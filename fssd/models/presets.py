@@ -26,7 +26,7 @@ _VGG_PYRAMID_512 = (
 # steps from the real feature-map sizes.
 PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "fssd300_vgg16": (
-        dict(input_size=300, backbone="vgg16", fusion_channels=256, pyramid=_VGG_PYRAMID_300),
+        dict(input_size=300, backbone="vgg16", fusion_channels=256, pyramid=_VGG_PYRAMID_300, weight_init="authors"),
         dict(
             min_scale=0.2,
             max_scale=0.88,
@@ -36,7 +36,7 @@ PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         ),
     ),
     "fssd512_vgg16": (
-        dict(input_size=512, backbone="vgg16", fusion_channels=256, pyramid=_VGG_PYRAMID_512),
+        dict(input_size=512, backbone="vgg16", fusion_channels=256, pyramid=_VGG_PYRAMID_512, weight_init="authors"),
         dict(
             min_scale=0.15,
             max_scale=0.9,

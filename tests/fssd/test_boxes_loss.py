@@ -132,3 +132,32 @@ def test_postprocess_empty():
     conf[..., 0] = 10  # everything is background
     out = postprocess(torch.zeros(2, pri.shape[0], 4), conf, pri, image_sizes=[(64, 64)], score_threshold=0.1)
     assert [len(d["scores"]) for d in out] == [0, 0]
+
+
+def test_difficult_objects_in_each_mode_target_ignore_drop():
+    """A difficult object as a target (the authors' keep_difficult), as an ignore region (its
+    priors neither positive nor mined), or dropped (its prior becomes a hard negative)."""
+    import torch.nn.functional as F
+
+    priors = torch.tensor([[0.25, 0.25, 0.2, 0.2], [0.75, 0.75, 0.2, 0.2],
+                           [0.25, 0.75, 0.2, 0.2], [0.75, 0.25, 0.2, 0.2]])
+    easy, difficult = [0.15, 0.15, 0.35, 0.35], [0.65, 0.65, 0.85, 0.85]  # exactly priors 0 and 1
+    loc = torch.zeros(1, 4, 4)
+    # prior 1 (on the difficult object) has the highest background loss, then prior 2
+    conf = torch.tensor([[[0.0, 1.0, 0.0], [0.0, 0.0, 5.0], [0.0, 2.0, 0.0], [0.0, 0.5, 0.0]]])
+    ce = lambda i, c: float(F.cross_entropy(conf[0, i:i + 1], torch.tensor([c])))  # noqa: E731
+    loss = MultiBoxLoss(priors, neg_pos_ratio=1.0)
+    boxes = torch.tensor([[easy, difficult]])
+
+    target = loss(loc, conf, boxes, torch.tensor([[1, 2]]))
+    assert int(target.num_pos) == 2  # both objects are positives
+    assert float(target.conf) == pytest.approx((ce(0, 1) + ce(1, 2) + ce(2, 0) + ce(3, 0)) / 2, rel=1e-5)
+
+    drop = loss(loc, conf, torch.tensor([[easy, [0, 0, 0, 0]]]), torch.tensor([[1, -1]]))
+    assert int(drop.num_pos) == 1  # the difficult object's prior is mined as the hard negative
+    assert float(drop.conf) == pytest.approx(ce(0, 1) + ce(1, 0), rel=1e-5)
+
+    ignore = loss(loc, conf, boxes, torch.tensor([[1, 2]]), torch.tensor([[False, True]]))
+    assert int(ignore.num_pos) == 1  # neither positive nor negative: the next prior is mined
+    assert float(ignore.conf) == pytest.approx(ce(0, 1) + ce(2, 0), rel=1e-5)
+    assert float(ignore.loc) == pytest.approx(float(drop.loc))

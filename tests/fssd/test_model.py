@@ -103,3 +103,41 @@ def test_from_dict_rejects_unknown_and_wrong_type():
     d["priors"]["min_scale"] = "small"
     with pytest.raises(ConfigError, match="config.priors.min_scale must be a number"):
         DetectorConfig.from_dict(d, "config")
+
+
+@pytest.mark.parametrize("preset", ["fssd300_vgg16", "fssd_lite"])
+def test_authors_weight_init_follows_their_rules(preset):
+    """The authors' weights_init through Module.apply: BasicConv weights (fusion, pyramid) get
+    Kaiming-normal fan_out, bare convs (extras, heads) keep PyTorch's default weight, every bias
+    of those modules is 0; the VGG presets use it by default."""
+    from fssd.models.fssd import authors_init
+
+    overrides = {} if preset == "fssd300_vgg16" else {"weight_init": "authors"}
+    torch.manual_seed(0)
+    ours = build_fssd(preset, 5, **overrides)
+    torch.manual_seed(0)
+    plain = build_fssd(preset, 5, weight_init="pytorch")
+    assert ours.config.weight_init == "authors"
+    bare = [*zip(ours.loc_head, plain.loc_head), *zip(ours.conf_head, plain.conf_head)]
+    if hasattr(ours.backbone, "extras"):
+        bare += [(a, b) for a, b in zip(ours.backbone.extras.modules(), plain.backbone.extras.modules())
+                 if isinstance(a, torch.nn.Conv2d)]
+        assert len(bare) > 12
+    for a, b in bare:  # the default weight (same RNG draws), a zero bias
+        assert torch.equal(a.weight, b.weight) and not a.bias.any() and b.bias.any()
+    basic = [*ours.fusion.reduce, *(layer[0] for layer in ours.pyramid)]
+    for conv in basic:
+        fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        assert float(conv.weight.detach().std()) == pytest.approx((2.0 / fan_out) ** 0.5, rel=0.15)
+        assert not conv.bias.any()
+    assert torch.equal(ours.fusion.bn.weight, torch.ones_like(ours.fusion.bn.weight))
+    # the backbone's own layers (ImageNet-loaded for VGG) are not touched
+    layers = getattr(ours.backbone, "layers", None) or ours.backbone.stage1
+    for a, b in zip(layers.parameters(), (getattr(plain.backbone, "layers", None) or plain.backbone.stage1).parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="weight_init must be one of"):
+        build_fssd(preset, 5, weight_init="xavier")
+    torch.manual_seed(1)
+    again = build_fssd(preset, 5, weight_init="pytorch")
+    authors_init(again)  # the function alone gives the same zero biases
+    assert not any(c.bias.any() for c in again.conf_head)

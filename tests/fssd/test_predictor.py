@@ -74,7 +74,7 @@ def test_predictor_matches_engine_predict_on_the_dataset_path(tmp_path, checkpoi
     predictor = Predictor.from_checkpoint(checkpoint, device="cpu", batch_size=2)
     model = predictor.model
     ds = DetectionDataset(tmp_path / "test.json", tmp_path,
-                          eval_transform(SIZE, model.config.image_mean, model.config.image_std), skip_ignored=False)
+                          eval_transform(SIZE, model.config.image_mean, model.config.image_std), ignored="target")
     loader = DataLoader(ds, batch_size=2, collate_fn=detection_collate)
     reference = predict(model, loader, device=torch.device("cpu"), category_ids=[1, 2, 3])
     assert reference, "the biased random model must produce detections"

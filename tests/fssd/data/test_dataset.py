@@ -80,8 +80,13 @@ def test_dataset_reads_split_and_drops_ignored(split: tuple[Path, Path]) -> None
     assert tuple(empty["boxes"].shape) == (0, 4) and tuple(empty["labels"].shape) == (0,)
     _, with_degenerate = ds[2]
     assert with_degenerate["labels"].tolist() == [1, 2]  # the zero-width box never comes out
-    kept = DetectionDataset(ann, root, eval_transform(S, MEAN, STD), skip_ignored=False)
-    assert kept[0][1]["labels"].tolist() == [1, 2, 3]
+    kept = DetectionDataset(ann, root, eval_transform(S, MEAN, STD), ignored="target")
+    assert kept[0][1]["labels"].tolist() == [1, 2, 3] and not kept[0][1]["ignore"].any()
+    regions = DetectionDataset(ann, root, eval_transform(S, MEAN, STD), ignored="ignore")
+    assert regions[0][1]["labels"].tolist() == [1, 2, 3]
+    assert regions[0][1]["ignore"].tolist() == [False, False, True]  # the difficult object: an ignore region
+    with pytest.raises(ValueError, match="ignored must be one of"):
+        DetectionDataset(ann, root, None, ignored="skip")
 
 
 def test_dataset_without_transform_returns_uint8(split: tuple[Path, Path]) -> None:
@@ -212,7 +217,8 @@ def _sample(n: int, image_id: int) -> tuple[torch.Tensor, dict]:
 def test_collate_pads_boxes_and_labels() -> None:
     batch = [_sample(2, 0), _sample(0, 1), _sample(3, 2)]
     out = detection_collate(batch)
-    assert set(out) == {"images", "boxes", "labels", "image_ids", "orig_sizes"}
+    assert set(out) == {"images", "boxes", "labels", "ignore", "image_ids", "orig_sizes"}
+    assert out["ignore"].dtype == torch.bool and not out["ignore"].any()
     assert tuple(out["images"].shape) == (3, 3, 8, 8) and out["images"].dtype == torch.float32
     assert tuple(out["boxes"].shape) == (3, 3, 4) and out["boxes"].dtype == torch.float32
     assert tuple(out["labels"].shape) == (3, 3) and out["labels"].dtype == torch.int64
