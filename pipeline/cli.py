@@ -71,7 +71,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     d = p.data
     kind = d.dataset if d.dataset != "custom" else args.format
     root = Path(d.root)
-    report = convert_dataset(kind, root / "raw", root / "processed", root, d.max_bad_fraction)
+    report = convert_dataset(kind, root / "raw", root / "processed", root, d.max_bad_fraction,
+                             val_fraction=d.val_fraction, val_max_images=d.val_max_images)
     splits = report["splits"]
     counts = {s: splits[s]["images_written"] for s in splits}
     _timed_metrics(Path(args.metrics_out), started, {"dataset": kind, "classes": len(report["classes"]),

@@ -2,23 +2,28 @@
 
 Library functions with explicit arguments; the ``convert`` stage calls :func:`convert_dataset`.
 
-Split rules (``convert_dataset``):
+Split rules (``convert_dataset``): train, val and test never share an image, and the test split
+never selects anything (validation data choose the best epoch, drive the search and pick its best
+trial; only the evaluate stage reads ``test.json``).
 
-============  =================================  ==================  ==================
-kind          train                              val                 test
-============  =================================  ==================  ==================
-synthetic     synthetic ``train``                synthetic ``val``   synthetic ``test``
-voc2007       VOC2007 ``train``                  VOC2007 ``val``     VOC2007 ``test``
-voc2012       VOC2012 ``train``                  VOC2012 ``val``     VOC2012 ``val`` (*)
-voc0712       VOC2007 + VOC2012 ``trainval``     VOC2007 ``test``    VOC2007 ``test``
-coco2017      ``train2017``                      ``val2017``         ``val2017`` (*)
-============  =================================  ==================  ==================
+============  ====================================  ==========================  ==================
+kind          train                                 val                         test
+============  ====================================  ==========================  ==================
+synthetic     synthetic ``train``                   synthetic ``val``           synthetic ``test``
+voc2007       VOC2007 ``train``                     VOC2007 ``val``             VOC2007 ``test``
+voc2012       VOC2012 ``train`` less val            held out from train (*)     VOC2012 ``val`` (**)
+voc0712       VOC2007 + VOC2012 ``trainval`` less   held out from train (*)     VOC2007 ``test``
+              val
+coco2017      ``train2017`` less val                held out from train (*)     ``val2017`` (**)
+============  ====================================  ==========================  ==================
 
-(*) the official test annotations are not public. ``voc0712`` is the protocol of the SSD/FSSD
-papers (train on 07+12 trainval, report on 07 test); it has no held-out validation set, so val is
-07 test, optionally a deterministic evenly spaced subset of it (``val_max_images``) to keep
-per-epoch validation cheap. Train splits drop images left without any object (counted); val and
-test splits keep them.
+(*) ``val_fraction`` of the training images (at most ``val_max_images``), chosen by the SHA-256
+of their file names, so the choice is deterministic, independent of listing order and stable
+when images are added; they are removed from train. ``val_fraction=0`` leaves val empty: the
+paper's protocol for ``voc0712`` (train on all of 07+12 trainval, report the last epoch on 07
+test), which training accepts only with ``train.select: last``.
+(**) the official test annotations are not public. Train splits drop images left without any
+object (counted); val and test splits keep them.
 
 Every anomaly is counted in ``report.json`` with the first few offending files (paths relative
 to the data root). An image is *bad* when its annotation is missing or unparsable (defusedxml
@@ -36,13 +41,14 @@ that the same input gives byte-identical files.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import defusedxml
 import defusedxml.ElementTree as DET
@@ -59,6 +65,7 @@ __all__ = [
     "convert_voc",
     "convert_coco",
     "convert_dataset",
+    "holdout_size",
     "write_json_atomic",
 ]
 
@@ -432,6 +439,12 @@ def _num(text: str | None, what: str) -> float:
 
 def _parse_voc_xml(path: Path) -> tuple[tuple[int, int] | None, list[dict]]:
     """(size or None, objects) from a VOC XML file; raises _BadAnnotation."""
+    size, objects, _ = _parse_voc_xml_file(path)
+    return size, objects
+
+
+def _parse_voc_xml_file(path: Path) -> tuple[tuple[int, int] | None, list[dict], str | None]:
+    """(size or None, objects, <filename> or None) from a VOC XML file; raises _BadAnnotation."""
     try:
         if path.stat().st_size > _MAX_XML_BYTES:
             raise _BadAnnotation(f"file larger than {_MAX_XML_BYTES} bytes")
@@ -459,7 +472,8 @@ def _parse_voc_xml(path: Path) -> tuple[tuple[int, int] | None, list[dict]]:
                 "box": None if bb is None else [bb.findtext(k) for k in ("xmin", "ymin", "xmax", "ymax")],
             }
         )
-    return size, objects
+    filename = (root.findtext("filename") or "").strip() or None
+    return size, objects, filename
 
 
 def _read_image_set(data_root: Path, voc_rel: str, image_set: str) -> list[str]:
@@ -488,7 +502,6 @@ def _voc_split(
     check_images: bool = True,
 ) -> tuple[dict, ConvertReport]:
     report = ConvertReport(split=split)
-    class_ids = {name: i + 1 for i, name in enumerate(classes)}
     listed: list[tuple[str, str]] = []
     for voc_dir, image_set in sets:
         voc_rel = _rel(data_root, voc_dir)
@@ -496,29 +509,55 @@ def _voc_split(
         listed.extend((voc_rel, i) for i in _read_image_set(data_root, voc_rel, image_set))
     listed = _subset(listed, max_images)
 
+    items: list[tuple[str, Any]] = []
+    for voc_rel, image_id in listed:
+        xml_rel = _join(voc_rel, "Annotations", f"{image_id}.xml")
+        if not _safe_name(image_id) or "/" in image_id:
+            report.images_listed += 1
+            report.add("annotation_unparsable", f"{xml_rel} (bad image id {image_id!r} in the image set)")
+            continue
+        items.append((xml_rel, _join(voc_rel, "JPEGImages", f"{image_id}.jpg")))
+    return _voc_items(data_root, items, report, classes=classes, keep_empty=keep_empty, check_images=check_images)
+
+
+def _voc_items(
+    data_root: Path,
+    items: Sequence[tuple[str, Any]],
+    report: ConvertReport,
+    *,
+    classes: Sequence[str],
+    keep_empty: bool,
+    check_images: bool = True,
+) -> tuple[dict, ConvertReport]:
+    """Convert VOC XML files into one COCO-format split.
+
+    ``items``: (XML path relative to the data root, the image: a relative path, or a callable
+    that takes the XML's ``<filename>`` and returns the relative image path).
+    """
+    class_ids = {name: i + 1 for i, name in enumerate(classes)}
     images: list[dict] = []
     annotations: list[dict] = []
     seen: set[str] = set()
-    for voc_rel, image_id in listed:
+    for xml_rel, image in items:
         report.images_listed += 1
-        xml_rel = _join(voc_rel, "Annotations", f"{image_id}.xml")
-        img_rel = _join(voc_rel, "JPEGImages", f"{image_id}.jpg")
-        if not _safe_name(image_id) or "/" in image_id:
-            report.add("annotation_unparsable", f"{xml_rel} (bad image id {image_id!r} in the image set)")
-            continue
-        if img_rel in seen:
+        if not callable(image) and image in seen:  # a fixed image path: a repeated listing is caught unparsed
             report.images_listed -= 1
-            report.add("duplicate_image", img_rel)
+            report.add("duplicate_image", image)
             continue
-        seen.add(img_rel)
         try:
-            size, objects = _parse_voc_xml(data_root / xml_rel)
+            size, objects, filename = _parse_voc_xml_file(data_root / xml_rel)
         except FileNotFoundError:
             report.add("annotation_missing", xml_rel)
             continue
         except (_BadAnnotation, OSError) as exc:
             report.add("annotation_unparsable", f"{xml_rel} ({exc})")
             continue
+        img_rel = image(filename) if callable(image) else image
+        if callable(image) and img_rel in seen:
+            report.images_listed -= 1
+            report.add("duplicate_image", img_rel)
+            continue
+        seen.add(img_rel)
         if check_images:
             wh = _check_image(data_root, img_rel, size, report)
             if wh is None:
@@ -640,6 +679,19 @@ def _load_coco_json(path: Path, where: str) -> dict:
     return data
 
 
+def coco_categories(data: Mapping[str, Any], where: str) -> list[dict]:
+    """The categories of a COCO JSON, sorted by id; malformed or duplicate ids raise ConversionError."""
+    cats = []
+    for c in data["categories"]:
+        if not isinstance(c, dict) or not _finite(c.get("id")) or not isinstance(c.get("name"), str):
+            raise ConversionError(f"{where}: malformed category {c!r}")
+        cats.append(c)
+    cats.sort(key=lambda c: c["id"])
+    if len({c["id"] for c in cats}) != len(cats):
+        raise ConversionError(f"{where}: duplicate category ids")
+    return cats
+
+
 def _coco_split(
     data_root: Path,
     annotation_file: str | Path,
@@ -649,23 +701,21 @@ def _coco_split(
     keep_empty: bool,
     max_images: int | None,
     check_images: bool = True,
+    categories_from: Sequence[dict] | None = None,
+    resolve_image: Any = None,
 ) -> tuple[dict, ConvertReport]:
+    """``categories_from``: use these (dataset) categories instead of the file's (so that every
+    split maps the dataset's ids alike); ``resolve_image(file_name)``: the image's path relative to
+    the data root, for exports whose ``file_name`` is not relative to one image folder."""
     ann_rel = _rel(data_root, annotation_file)
     img_dir_rel = _rel(data_root, image_dir)
     report = ConvertReport(split=split, sources=[f"{ann_rel}:{img_dir_rel}"])
     data = _load_coco_json(data_root / ann_rel, ann_rel)
 
-    cats = []
-    for c in data["categories"]:
-        if not isinstance(c, dict) or not _finite(c.get("id")) or not isinstance(c.get("name"), str):
-            raise ConversionError(f"{ann_rel}: malformed category {c!r}")
-        cats.append(c)
-    cats.sort(key=lambda c: c["id"])
-    if len({c["id"] for c in cats}) != len(cats):
-        raise ConversionError(f"{ann_rel}: duplicate category ids")
+    cats = coco_categories(data, ann_rel) if categories_from is None else list(categories_from)
     cat_map = {c["id"]: i + 1 for i, c in enumerate(cats)}
     categories = [
-        {"id": i + 1, "name": c["name"], "supercategory": str(c.get("supercategory", ""))}
+        {"id": i + 1, "name": c["name"], "supercategory": str(c.get("supercategory", "")), "source_id": c["id"]}
         for i, c in enumerate(cats)
     ]
 
@@ -678,7 +728,8 @@ def _coco_split(
     for k, im in enumerate(data["images"]):
         img_id = im.get("id") if isinstance(im, dict) else None
         fname = im.get("file_name") if isinstance(im, dict) else None
-        if not isinstance(img_id, int) or isinstance(img_id, bool) or not isinstance(fname, str) or not _safe_name(fname):
+        named = isinstance(fname, str) and (_safe_name(fname) if resolve_image is None else bool(fname))
+        if not isinstance(img_id, int) or isinstance(img_id, bool) or not named:
             report.images_listed += 1
             report.add("annotation_unparsable", f"{ann_rel}#images[{k}] (needs an int id and a relative file_name)")
             continue
@@ -693,7 +744,7 @@ def _coco_split(
     for im in raw_images:
         report.images_listed += 1
         img_id, fname = im["id"], im["file_name"]
-        img_rel = _join(img_dir_rel, fname)
+        img_rel = _join(img_dir_rel, fname) if resolve_image is None else resolve_image(fname)
         if img_id in seen_ids:
             report.images_listed -= 1
             report.add("duplicate_image", f"{img_rel} (id {img_id})")
@@ -819,8 +870,13 @@ def _voc_dir(raw_dir: Path, year: str) -> Path:
     )
 
 
+HOLD_OUT = ("holdout", None)
+"""A val plan entry: held out from the train split (see the module docstring)."""
+
+
 def _split_plan(kind: str, raw_dir: Path) -> tuple[tuple[str, ...], dict[str, tuple[str, Any]]]:
-    """classes (None for COCO) and, per split, ('voc', sets) or ('coco', (ann_file, image_dir))."""
+    """classes (() for COCO) and, per split, ('voc', sets), ('coco', (ann_file, image_dir)) or
+    :data:`HOLD_OUT` (val only)."""
     if kind == "synthetic":
         from fssd.data.synthetic import CLASSES
 
@@ -834,12 +890,11 @@ def _split_plan(kind: str, raw_dir: Path) -> tuple[tuple[str, ...], dict[str, tu
         return VOC_CLASSES, {s: ("voc", [(d, s)]) for s in SPLITS}
     if kind == "voc2012":
         d = _voc_dir(raw_dir, "2012")
-        return VOC_CLASSES, {"train": ("voc", [(d, "train")]), "val": ("voc", [(d, "val")]),
-                             "test": ("voc", [(d, "val")])}
+        return VOC_CLASSES, {"train": ("voc", [(d, "train")]), "val": HOLD_OUT, "test": ("voc", [(d, "val")])}
     if kind == "voc0712":
         d07, d12 = _voc_dir(raw_dir, "2007"), _voc_dir(raw_dir, "2012")
-        return VOC_CLASSES, {"train": ("voc", [(d07, "trainval"), (d12, "trainval")]),
-                             "val": ("voc", [(d07, "test")]), "test": ("voc", [(d07, "test")])}
+        return VOC_CLASSES, {"train": ("voc", [(d07, "trainval"), (d12, "trainval")]), "val": HOLD_OUT,
+                             "test": ("voc", [(d07, "test")])}
     if kind == "coco2017":
         root = _find_dir(
             [raw_dir / "coco2017", raw_dir / "coco", raw_dir], "annotations/instances_val2017.json",
@@ -853,9 +908,66 @@ def _split_plan(kind: str, raw_dir: Path) -> tuple[tuple[str, ...], dict[str, tu
             raise ConversionError(f"COCO image folder {name}/ not found under {root}")
 
         train = ("coco", (root / "annotations" / "instances_train2017.json", images("train2017")))
-        val = ("coco", (root / "annotations" / "instances_val2017.json", images("val2017")))
-        return (), {"train": train, "val": val, "test": val}
+        test = ("coco", (root / "annotations" / "instances_val2017.json", images("val2017")))
+        return (), {"train": train, "val": HOLD_OUT, "test": test}
     raise ValueError(f"unknown dataset kind {kind!r}; expected one of {', '.join(DATASET_KINDS)}")
+
+
+def holdout_size(num_images: int, val_fraction: float, val_max_images: int | None) -> int:
+    """How many of ``num_images`` training images go to a held-out val split: ``val_fraction`` of
+    them rounded, at least 1 when the fraction is positive, at most ``val_max_images``, and never
+    all of them (train keeps at least one image)."""
+    if val_fraction <= 0 or num_images < 2:
+        return 0
+    n = max(1, round(val_fraction * num_images))
+    if val_max_images is not None:
+        n = min(n, val_max_images)
+    return min(n, num_images - 1)
+
+
+def _holdout_key(file_name: str) -> str:
+    return hashlib.sha256(file_name.encode("utf-8")).hexdigest()
+
+
+def _hold_out(pool: dict, pool_report: ConvertReport, n_val: int) -> tuple[dict, ConvertReport, dict, ConvertReport]:
+    """Split a converted train pool (empty images kept) into (train, its report, val, its report).
+
+    The ``n_val`` images with the smallest SHA-256 of their file name go to val; train then drops
+    the images without objects (counted as ``empty_image_dropped``), as a train split always does.
+    """
+    chosen = {im["id"] for im in sorted(pool["images"], key=lambda im: _holdout_key(im["file_name"]))[:n_val]}
+    train_rep = pool_report.renamed("train")
+    val_rep = ConvertReport(split="val", sources=[f"held out from train: {n_val} of {len(pool['images'])} images"])
+    with_objects = {a["image_id"] for a in pool["annotations"]}
+    parts: dict[str, dict] = {}
+    for name, rep, keep in (("train", train_rep, lambda i: i not in chosen), ("val", val_rep, lambda i: i in chosen)):
+        images = []
+        for im in pool["images"]:
+            if not keep(im["id"]):
+                continue
+            if name == "train" and im["id"] not in with_objects:
+                rep.add("empty_image_dropped", im["file_name"])
+                continue
+            images.append(im)
+        ids = {im["id"] for im in images}
+        anns = [a for a in pool["annotations"] if a["image_id"] in ids]
+        parts[name] = {"images": images, "annotations": anns, "categories": pool["categories"]}
+        rep.images_written = len(images)
+        rep.annotations = len(anns)
+        rep.ignored = sum(a["ignore"] for a in anns)
+    val_rep.images_listed = len(parts["val"]["images"])
+    return parts["train"], train_rep, parts["val"], val_rep
+
+
+def _overlaps(results: Mapping[str, tuple[dict, ConvertReport]]) -> list[str]:
+    """Images that appear in two splits (by file name): always an error."""
+    names = {s: {im["file_name"] for im in results[s][0]["images"]} for s in SPLITS}
+    errors = []
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        both = sorted(names[a] & names[b])
+        if both:
+            errors.append(f"splits {a!r} and {b!r} share {len(both)} image(s), e.g. {', '.join(both[:3])}")
+    return errors
 
 
 def convert_dataset(
@@ -865,6 +977,7 @@ def convert_dataset(
     data_root: Path,
     max_bad_fraction: float,
     *,
+    val_fraction: float = 0.05,
     val_max_images: int | None = None,
     check_images: bool = True,
 ) -> dict:
@@ -876,7 +989,10 @@ def convert_dataset(
         out_dir: where the split files go (``data/processed``).
         data_root: the data root; ``file_name`` values are relative to it.
         max_bad_fraction: per split, the largest tolerated fraction of bad images.
-        val_max_images: cap the val split with a deterministic evenly spaced subset.
+        val_fraction: for kinds without their own validation split, the fraction of the
+            training images held out as val (0: no val split).
+        val_max_images: cap the val split: the held-out count, or a deterministic evenly spaced
+            subset of a dataset's own val split.
         check_images: read every image header (size check, truncation).
 
     All splits are converted and checked before anything is written; on failure a
@@ -888,6 +1004,8 @@ def convert_dataset(
         raise ValueError(f"unknown dataset kind {kind!r}; expected one of {', '.join(DATASET_KINDS)}")
     if not (isinstance(max_bad_fraction, (int, float)) and 0.0 <= max_bad_fraction <= 1.0):
         raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction!r}")
+    if not (isinstance(val_fraction, (int, float)) and 0.0 <= val_fraction < 1.0):
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     if val_max_images is not None and val_max_images <= 0:
         raise ValueError(f"val_max_images must be positive or None, got {val_max_images!r}")
     data_root = Path(os.path.abspath(data_root))
@@ -895,18 +1013,16 @@ def convert_dataset(
     out_dir = Path(out_dir)
     _rel(data_root, raw_dir)  # raises unless raw_dir is inside the data root
     classes, plan = _split_plan(kind, raw_dir)
+    holdout = plan["val"] == HOLD_OUT
 
     results: dict[str, tuple[dict, ConvertReport]] = {}
-    memo: dict[str, tuple[dict, ConvertReport]] = {}
     for split in SPLITS:
-        how, spec = plan[split]
-        keep_empty = split != "train"
-        max_images = val_max_images if split == "val" else None
-        key = repr((how, spec, keep_empty, max_images))
-        if key in memo:
-            coco, rep = memo[key]
-            results[split] = (coco, rep.renamed(split))
+        if plan[split] == HOLD_OUT:
             continue
+        how, spec = plan[split]
+        # a held-out val comes from the train pool, empty images included
+        keep_empty = split != "train" or holdout
+        max_images = val_max_images if split == "val" else None
         if how == "voc":
             coco, rep = _voc_split(data_root, spec, split=split, classes=classes, keep_empty=keep_empty,
                                    max_images=max_images, check_images=check_images)
@@ -914,24 +1030,34 @@ def convert_dataset(
             ann_file, image_dir = spec
             coco, rep = _coco_split(data_root, ann_file, image_dir, split=split, keep_empty=keep_empty,
                                     max_images=max_images, check_images=check_images)
-        memo[key] = (coco, rep)
         results[split] = (coco, rep)
+    n_val = 0
+    if holdout:
+        pool, pool_rep = results["train"]
+        n_val = holdout_size(len(pool["images"]), val_fraction, val_max_images)
+        train, train_rep, val, val_rep = _hold_out(pool, pool_rep, n_val)
+        results["train"], results["val"] = (train, train_rep), (val, val_rep)
 
     categories = results["train"][0]["categories"]
-    report = {
+    report: dict[str, Any] = {
         "dataset": kind,
         "max_bad_fraction": max_bad_fraction,
         "classes": [c["name"] for c in categories],
         "splits": {s: results[s][1].to_dict() for s in SPLITS},
+        "val": ({"from": "train", "val_fraction": val_fraction, "val_max_images": val_max_images, "images": n_val}
+                if holdout else {"from": "dataset", "val_max_images": val_max_images}),
     }
     errors = []
     for split in SPLITS:
+        if split == "val" and holdout and n_val == 0:
+            continue  # no validation split asked for (val_fraction 0)
         try:
             results[split][1].check(max_bad_fraction)
         except ConversionError as exc:
             errors.append(str(exc))
         if results[split][0]["categories"] != categories:
             errors.append(f"split {split!r} has other categories than train")
+    errors += _overlaps(results)
     if errors:
         report["ok"] = False
         report["errors"] = errors

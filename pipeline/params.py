@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from fssd.config import ConfigError, DetectorConfig, PostprocessConfig, from_dict
+from fssd.config import IGNORED_MODES as DIFFICULT_MODES, ConfigError, DetectorConfig, PostprocessConfig, from_dict
 from fssd.models.presets import PRESETS, preset_config
 
 __all__ = [
@@ -77,6 +77,19 @@ class SyntheticParams:
 
 
 @dataclass(frozen=True)
+class LayoutParams:
+    """Where a custom dataset's parts are, relative to its folder in data/raw (null: found;
+    see pipeline.convert.convert_custom)."""
+
+    root: str = ""
+    annotations: str | None = None
+    images: str | None = None
+    train: str | None = None
+    val: str | None = None
+    test: str | None = None
+
+
+@dataclass(frozen=True)
 class DataParams:
     dataset: str = "synthetic"
     root: str = "data"
@@ -84,9 +97,26 @@ class DataParams:
     s3: S3Params = field(default_factory=S3Params)
     synthetic: SyntheticParams = field(default_factory=SyntheticParams)
     max_bad_fraction: float = 0.01
+    val_fraction: float = 0.05
+    val_max_images: int | None = 2000
+    format: str = "voc"
+    layout: LayoutParams = field(default_factory=LayoutParams)
+    classes: tuple[str, ...] = ()
+    test_fraction: float = 0.1
 
     def __post_init__(self) -> None:
+        if self.format not in ("voc", "coco"):
+            raise ParamsError(f"data.format must be 'voc' (Pascal VOC XML) or 'coco' (COCO JSON), got {self.format!r}")
+        if not 0.0 <= self.test_fraction < 1.0 or self.val_fraction + self.test_fraction >= 1.0:
+            raise ParamsError(f"data.test_fraction must be in [0, 1) and leave images to train beside data.val_fraction, "
+                              f"got {self.test_fraction!r}")
+        if len(set(self.classes)) != len(self.classes) or any(not str(c).strip() for c in self.classes):
+            raise ParamsError(f"data.classes must be distinct, non-empty names, got {list(self.classes)!r}")
         known = ("synthetic", "voc2007", "voc2012", "voc0712", "coco2017", "custom")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ParamsError(f"data.val_fraction must be in [0, 1) (0: no validation split), got {self.val_fraction!r}")
+        if self.val_max_images is not None and self.val_max_images < 1:
+            raise ParamsError(f"data.val_max_images must be >= 1 or null, got {self.val_max_images!r}")
         if self.dataset not in known:
             raise ParamsError(f"data.dataset must be one of {', '.join(known)}, got {self.dataset!r}")
         if self.dataset == "custom" and not self.sources:
@@ -104,10 +134,22 @@ class ModelParams:
     fusion_channels: int | None = None
     backbone_width: float = 1.0
     pretrained: str | None = None
+    pretrained_sha256: str | None = None
+    init: str | None = None
+    init_sha256: str | None = None
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ParamsError(f"model.preset must be one of {', '.join(sorted(PRESETS))}, got {self.preset!r}")
+        sha = self.pretrained_sha256
+        if sha is not None and (len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha.lower())):
+            raise ParamsError(f"model.pretrained_sha256 must be 64 hex digits (sha256sum FILE), got {sha!r}")
+        if self.pretrained and "://" in self.pretrained and not self.pretrained.startswith(("s3://", "file://")):
+            raise ParamsError(f"model.pretrained must be a local path or s3://bucket/key, got {self.pretrained!r}")
+        if self.pretrained and self.pretrained.startswith("s3://") and sha is None:
+            raise ParamsError(
+                f"model.pretrained is remote ({self.pretrained}) and needs model.pretrained_sha256: a remote file is "
+                "verified before use and its bytes name the training run; compute it with `sha256sum FILE`")
 
 
 @dataclass(frozen=True)
@@ -168,6 +210,8 @@ class TrainParams:
     max_images: int | None = None
     max_bad_steps: int = 20
     log_every: int = 20
+    select: str = "best"
+    difficult: str = "target"
     augment: AugmentParams = field(default_factory=AugmentParams)
 
     def __post_init__(self) -> None:
@@ -183,6 +227,10 @@ class TrainParams:
             raise ParamsError(f"train.lr must be > 0, got {self.lr!r}")
         if self.schedule not in ("cosine", "multistep"):
             raise ParamsError(f"train.schedule must be 'cosine' or 'multistep', got {self.schedule!r}")
+        if self.select not in ("best", "last"):
+            raise ParamsError(f"train.select must be 'best' (highest validation mAP) or 'last' (the last epoch), got {self.select!r}")
+        if self.difficult not in DIFFICULT_MODES:
+            raise ParamsError(f"train.difficult must be one of {', '.join(DIFFICULT_MODES)}, got {self.difficult!r}")
         if self.amp_dtype not in ("bfloat16", "float16"):
             raise ParamsError(f"train.amp_dtype must be 'bfloat16' or 'float16', got {self.amp_dtype!r}")
         if self.warmup_epochs < 0 or not 0 < self.warmup_factor <= 1:

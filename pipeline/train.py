@@ -57,6 +57,7 @@ class TrainJob:
     seed: int = 0
     epochs: int = 1
     pretrained: str | None = None
+    pretrained_sha256: str | None = None
     init_checkpoint: str | None = None
     s3_endpoint_url: str | None = None
     progress: bool = False
@@ -81,34 +82,72 @@ def read_categories(split_json: Path) -> tuple[list[str], list[int]]:
     return [c["name"] for c in cats], [c["id"] for c in cats]
 
 
-def _config_hash(payload: Any) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:10]
+def count_images(split_json: Path) -> int:
+    """The number of images in a COCO-format split file."""
+    return len(json.loads(Path(split_json).read_text())["images"])
+
+
+def resolve_pretrained(model: Any) -> tuple[str | None, str | None]:
+    """(location, sha256) of ``model.pretrained``: a local path made absolute (Ray workers run
+    elsewhere) with the SHA-256 of its bytes, or an s3:// URL with ``model.pretrained_sha256``.
+
+    Raises:
+        FileNotFoundError: a local file that does not exist, naming the key.
+        ValueError: a local file whose bytes do not match ``model.pretrained_sha256``.
+    """
+    from .identity import file_digest
+
+    uri = model.pretrained
+    if not uri:
+        return None, None
+    if uri.startswith("s3://"):
+        return uri, model.pretrained_sha256
+    path = Path(uri[len("file://"):] if uri.startswith("file://") else uri).expanduser().resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"model.pretrained: {path} does not exist; fix the path or set model.pretrained: null")
+    actual = file_digest(path)
+    if model.pretrained_sha256 and actual != model.pretrained_sha256.lower():
+        raise ValueError(f"model.pretrained: {path} has SHA-256 {actual}, not model.pretrained_sha256 "
+                         f"{model.pretrained_sha256}; replace the file or fix the checksum")
+    return str(path), actual
 
 
 def make_job(params: Params, *, epochs: int | None = None, init_checkpoint: str | None = None,
-             run_name: str | None = None) -> TrainJob:
-    """Resolve params into a :class:`TrainJob`; the run name is derived from what changes results."""
+             run_name: str | None = None, extra_code: tuple[str, ...] = ()) -> TrainJob:
+    """Resolve params into a :class:`TrainJob`; the run name is derived from what changes results
+    (:mod:`pipeline.identity`): the params that matter, the train and val data, the code, and the
+    bytes of the pretrained and init files."""
+    from .identity import code_digest, digest, file_digest, train_settings_identity
+
     root = Path(params.data.root).resolve()
     processed = root / "processed"
     train_json, val_json = processed / "train.json", processed / "val.json"
     names, cat_ids = read_categories(train_json)
+    if params.train.select == "best" and count_images(val_json) == 0:
+        raise ValueError(
+            f"train.select is 'best' but {val_json} has no images (data.val_fraction: 0): set train.select: last "
+            "to train on everything and keep the last epoch (the paper's protocol), or data.val_fraction > 0"
+        )
     # Post-processing thresholds are evaluation settings, not part of what training produces.
     cfg = dataclasses.replace(detector_config(params, num_classes=len(names) + 1), postprocess=PostprocessConfig())
     train = dataclasses.asdict(params.train)
     epochs = epochs or params.train.epochs
+    pretrained, pretrained_sha256 = resolve_pretrained(params.model)
+    if init_checkpoint is not None:
+        init_checkpoint = str(Path(init_checkpoint).resolve())
     # The name changes whenever something that changes the result changes, so re-running the
     # same configuration resumes, and a changed one starts afresh.
-    ignored = {"storage_path", "run_name", "max_failures", "use_tuned", "log_every", "loader_workers", "keep_checkpoints"}
     identity = {
         "detector": cfg.to_dict(),
-        "train": {k: v for k, v in train.items() if k not in ignored},
+        "train": train_settings_identity(train),
         "epochs": epochs,
         "seed": params.seed,
-        "data": hashlib.sha256(train_json.read_bytes()).hexdigest(),
-        "pretrained": params.model.pretrained,
-        "init": init_checkpoint,
+        "data": [file_digest(train_json), file_digest(val_json)],
+        "code": code_digest(extra_code),
+        "pretrained": pretrained_sha256,
+        "init": file_digest(init_checkpoint) if init_checkpoint else None,
     }
-    name = run_name or params.train.run_name or f"fssd-{params.data.dataset}-{params.model.preset}-{_config_hash(identity)}"
+    name = run_name or params.train.run_name or f"fssd-{params.data.dataset}-{params.model.preset}-{digest(identity)}"
     return TrainJob(
         run_name=name,
         data_root=str(root),
@@ -120,7 +159,8 @@ def make_job(params: Params, *, epochs: int | None = None, init_checkpoint: str 
         train=train,
         seed=params.seed,
         epochs=epochs,
-        pretrained=params.model.pretrained,
+        pretrained=pretrained,
+        pretrained_sha256=pretrained_sha256,
         init_checkpoint=init_checkpoint,
         s3_endpoint_url=params.data.s3.endpoint_url,
         progress=sys.stderr.isatty(),
@@ -170,8 +210,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
 
 
-def _load_pretrained(model: torch.nn.Module, uri: str, endpoint_url: str | None) -> None:
-    """ImageNet VGG16 (torchvision layout) from a local path or s3:// into the backbone."""
+def _load_pretrained(model: torch.nn.Module, uri: str, sha256: str | None, endpoint_url: str | None) -> None:
+    """ImageNet VGG16 (torchvision layout) from a local path or s3:// (verified by ``sha256``)
+    into the backbone."""
     from fssd.weights import load_state_dict_file, vgg16_backbone_from_torchvision
 
     path = uri
@@ -180,7 +221,7 @@ def _load_pretrained(model: torch.nn.Module, uri: str, endpoint_url: str | None)
         from .download import Source, fetch
 
         tmp = tempfile.mkdtemp(prefix="fssd-weights-")
-        path = str(fetch(Source(url=uri, sha256=None, md5=None, extract=False), Path(tmp), s3_endpoint_url=endpoint_url))
+        path = str(fetch(Source(url=uri, sha256=sha256, md5=None, extract=False), Path(tmp), s3_endpoint_url=endpoint_url))
     try:
         state = vgg16_backbone_from_torchvision(load_state_dict_file(path))
         model.backbone.load_state_dict(state, strict=False)
@@ -220,9 +261,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     m = cfg.model
 
     train_ds = DetectionDataset(Path(job.train_json), Path(job.data_root),
-                                augmentation(tp.augment, m.input_size, m.image_mean, m.image_std), seed=job.seed)
+                                augmentation(tp.augment, m.input_size, m.image_mean, m.image_std),
+                                ignored=tp.difficult, seed=job.seed)
     val_ds = DetectionDataset(Path(job.val_json), Path(job.data_root),
-                              eval_transform(m.input_size, m.image_mean, m.image_std), skip_ignored=False)
+                              eval_transform(m.input_size, m.image_mean, m.image_std), ignored="target")
     train_set = train_ds
     if tp.max_images is not None and tp.max_images < len(train_ds):
         train_set = torch.utils.data.Subset(train_ds, range(tp.max_images))
@@ -235,7 +277,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     model = build_detector(cfg)
     if job.pretrained and not job.init_checkpoint:
-        _load_pretrained(model, job.pretrained, job.s3_endpoint_url)
+        _load_pretrained(model, job.pretrained, job.pretrained_sha256, job.s3_endpoint_url)
     if tp.sync_bn and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     channels_last = tp.channels_last  # faster on CUDA and on CPU (oneDNN): bench/bench_model.py
@@ -315,7 +357,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         )
         if bar is not None:
             bar.close()
-        validated = (epoch + 1) % tp.val_every == 0 or epoch + 1 == job.epochs
+        validated = len(val_ds) > 0 and ((epoch + 1) % tp.val_every == 0 or epoch + 1 == job.epochs)
         metrics: dict[str, Any] = {
             "epoch": epoch + 1,
             "loss": stats.loss,
@@ -333,7 +375,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             last_map = float(voc_map(job.val_json, dets, iou_threshold=0.5, use_07_metric=True).map) if dets else 0.0
             best_map = max(best_map, last_map)
             metrics["val_map"] = last_map
-        metrics["score"] = last_map if validated else -1.0
+        # the checkpoint kept: the best validation mAP, or the latest with train.select: last
+        metrics["score"] = float(epoch + 1) if tp.select == "last" else (last_map if validated else -1.0)
         if rank == 0:
             line = (f"[fssd] epoch {epoch + 1}/{job.epochs} loss {stats.loss:.4f} (loc {stats.loss_loc:.4f} "
                     f"conf {stats.loss_conf:.4f}) lr {stats.lr:.5f} {metrics['images_per_second']:.1f} img/s")
@@ -486,8 +529,11 @@ def fit(job: TrainJob, tp: TrainParams, *, storage_path: str, endpoint_url: str 
     return trainer.fit()
 
 
-def best_checkpoint(result: Any) -> Any:
-    """The reported checkpoint with the highest fresh validation mAP (the latest if none)."""
+def best_checkpoint(result: Any, select: str = "best") -> Any:
+    """The reported checkpoint with the highest fresh validation mAP (the latest if none, or
+    with ``select="last"``)."""
+    if select == "last":
+        return result.checkpoint
     best = [(m.get("score", -1.0), m.get("epoch", 0), c) for c, m in (result.best_checkpoints or [])]
     best = [b for b in best if b[0] is not None and b[0] >= 0 and not math.isnan(b[0])]
     if best:
@@ -523,7 +569,7 @@ def run_training(
     except BaseException:
         tracking.client(uri).set_terminated(run_id, status="FAILED")
         raise
-    ckpt = best_checkpoint(result)
+    ckpt = best_checkpoint(result, tp.select)
     if ckpt is None:
         tracking.client(uri).set_terminated(run_id, status="FAILED")
         raise RuntimeError(f"training run {job.run_name} reported no checkpoint")

@@ -140,6 +140,7 @@ def trial_overrides(params: Params, cpus_per_worker: float | None = None) -> dic
     """What the tune stage sets in every trial, on top of the user's overrides."""
     out: dict[str, Any] = {
         "train.val_every": 1,
+        "train.select": "best",  # a trial's checkpoint is its best validation epoch
         "train.num_workers": params.tune.num_workers,
         "data.root": str(Path(params.data.root).resolve()),
     }
@@ -242,28 +243,42 @@ def _plain(v: Any) -> Any:
 
 
 def search_name(params: Params) -> str:
-    """Deterministic from what changes the search's results, so a re-run resumes it."""
-    import hashlib
-
-    from .train import _config_hash
+    """Deterministic from what changes the search's results (:mod:`pipeline.identity`: params,
+    train and val data, code, the pretrained file's bytes), so a re-run resumes it and anything
+    else starts a new search."""
+    from .identity import code_digest, digest, file_digest, train_settings_identity
+    from .train import resolve_pretrained
 
     d = params.to_dict()
-    train_ignored = {"storage_path", "run_name", "max_failures", "use_tuned", "log_every", "loader_workers",
-                     "keep_checkpoints", "epochs", "val_every", "num_workers", "cpus_per_worker"}
-    train_json = Path(params.data.root) / "processed" / "train.json"
+    processed = Path(params.data.root) / "processed"
     try:
-        data_hash = hashlib.sha256(train_json.read_bytes()).hexdigest()
+        data = [file_digest(processed / "train.json"), file_digest(processed / "val.json")]
     except FileNotFoundError:
-        raise FileNotFoundError(f"{train_json} does not exist; run the convert stage first (dvc repro convert)") from None
+        raise FileNotFoundError(f"{processed}/train.json or val.json does not exist; run the convert stage first "
+                                "(dvc repro convert)") from None
     identity = {
         "seed": d["seed"],
-        "data": {"dataset": d["data"]["dataset"], "train_json": data_hash},
-        "model": d["model"],
+        "data": {"dataset": d["data"]["dataset"], "splits": data},
+        "model": {k: v for k, v in d["model"].items() if k not in ("pretrained", "pretrained_sha256")},
+        "pretrained": resolve_pretrained(params.model)[1],
         "priors": d["priors"],
-        "train": {k: v for k, v in d["train"].items() if k not in train_ignored},
+        "train": train_settings_identity(d["train"], ("epochs", "val_every", "num_workers", "select")),
         "tune": {k: v for k, v in d["tune"].items() if k not in ("storage_path", "cpus_per_worker")},
+        "code": code_digest(("pipeline/tune.py",)),
     }
-    return f"tune-{params.data.dataset}-{params.model.preset}-{_config_hash(identity)}"
+    return f"tune-{params.data.dataset}-{params.model.preset}-{digest(identity)}"
+
+
+def require_validation_split(params: Params) -> None:
+    """A search chooses on validation data: refuse to start without a validation split."""
+    from .train import count_images
+
+    val = Path(params.data.root) / "processed" / "val.json"
+    if val.is_file() and count_images(val) == 0:
+        raise ParamsError(
+            f"the search needs a validation split but {val} has no images (data.val_fraction: 0); set "
+            "data.val_fraction > 0, or train.use_tuned: false to train without a search"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -350,7 +365,7 @@ def _run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
     sampled = {k: _plain(config[k]) for k in ctx["keys"]}
     params = load_params(ctx["params_path"], {**ctx["overrides"], **sampled})
-    job = make_job(params, epochs=ctx["epochs"], run_name=f"{ctx['search']}-{trial_id}")
+    job = make_job(params, epochs=ctx["epochs"], run_name=f"{ctx['search']}-{trial_id}", extra_code=("pipeline/tune.py",))
     job.progress = False
     offset = _score_offset(ctx.get("score_offsets") or {}, sampled)
     fit(job, params.train, storage_path=ctx["train_storage"], endpoint_url=params.data.s3.endpoint_url,
@@ -681,6 +696,7 @@ def run_search(
     started = time.time()
     params, entries = validate_space(params_path, overrides)
     _search_alg(params)  # fails early when optuna is missing
+    require_validation_split(params)
     tp = params.tune
     keys = [e.key for e in entries]
     name = search_name(params)
@@ -853,6 +869,8 @@ def handler(args: argparse.Namespace) -> int:
         reason = "train.use_tuned is false"
         atomic_write_json(Path(args.best_out), {"overrides": {}, "skipped": reason})
         Path(args.checkpoint_out).unlink(missing_ok=True)
+        if "://" not in params.tune.storage_path:  # a declared DVC output: it must exist
+            Path(params.tune.storage_path).mkdir(parents=True, exist_ok=True)
         atomic_write_json(Path(args.metrics_out), {"trials": [], "best": None, "skipped": reason, "seconds": 0.0})
         print(f"[fssd] tune: skipped ({reason})")
         return 0

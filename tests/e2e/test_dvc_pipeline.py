@@ -158,3 +158,20 @@ def test_dvc_remote_on_s3_push_and_pull(project, moto_endpoint, fake_aws_env, tm
     _run([BIN / "dvc", "pull"], other, env)
     for rel in ("data/processed/train.json", "data/processed/test.json", "tune/best.json", "models/fssd.pt"):
         assert (other / rel).read_bytes() == (d / rel).read_bytes(), rel
+
+
+def test_repro_with_the_search_off(project):
+    """The README's way to skip the search (train.use_tuned: false) runs through `dvc repro`:
+    the skipped tune stage still leaves its declared outputs, and training starts afresh."""
+    d = project["dir"]
+    raw = yaml.safe_load((d / "params.yaml").read_text())
+    from pipeline.params import apply_overrides
+
+    (d / "params.yaml").write_text(yaml.safe_dump(apply_overrides(raw, {"train.use_tuned": False, "train.epochs": 1}),
+                                                  sort_keys=False))
+    log = _run([BIN / "dvc", "repro"], d, project["env"])
+    assert "tune: skipped (train.use_tuned is false)" in log, log[-3000:]
+    assert json.loads((d / "tune" / "best.json").read_text())["overrides"] == {}
+    train = json.loads((d / "metrics" / "train.json").read_text())
+    assert train["epochs"] == 1
+    assert json.loads((d / "metrics" / "register.json").read_text())["version"] in ("2", 2)

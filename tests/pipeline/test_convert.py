@@ -252,38 +252,95 @@ def test_dataset_failure_keeps_previous_outputs(synthetic_root, tmp_path):
         victim.write_bytes(saved)
 
 
-def test_voc0712_split_rules(tmp_path):
+def _split_files(out: Path, split: str) -> list[str]:
+    return [im["file_name"] for im in json.loads((out / f"{split}.json").read_text())["images"]]
+
+
+def _assert_disjoint(out: Path) -> None:
+    names = {s: set(_split_files(out, s)) for s in ("train", "val", "test")}
+    assert not names["val"] & names["test"], "val and test share images"
+    assert not names["train"] & names["test"] and not names["train"] & names["val"]
+
+
+def _voc0712_raw(tmp_path: Path) -> Path:
     img = _jpeg(40, 30)
     obj = _xml(40, 30, [("car", (2, 2, 20, 20), 0)])
     empty = _xml(40, 30, [])
     raw = tmp_path / "raw"
-    _voc_tree(raw, "2007", {f"00000{i}": (obj if i != 3 else empty, img) for i in range(1, 10)},
-              {"trainval": ["000001", "000002", "000003"], "train": ["000001", "000003"], "val": ["000002"],
-               "test": [f"00000{i}" for i in range(4, 10)]})
-    _voc_tree(raw, "2012", {"2008_000001": (obj, img), "2008_000002": (obj, img)},
-              {"trainval": ["2008_000001", "2008_000002"], "train": ["2008_000001"], "val": ["2008_000002"]})
+    trainval07 = [f"0000{i:02d}" for i in range(1, 21)]
+    _voc_tree(raw, "2007", {f"0000{i:02d}": (obj if i != 3 else empty, img) for i in range(1, 27)},
+              {"trainval": trainval07, "train": trainval07[:10], "val": trainval07[10:],
+               "test": [f"0000{i:02d}" for i in range(21, 27)]})
+    ids12 = [f"2008_0000{i:02d}" for i in range(1, 21)]
+    _voc_tree(raw, "2012", {i: (obj, img) for i in ids12},
+              {"trainval": ids12, "train": ids12[:12], "val": ids12[12:]})
+    return raw
 
-    def files(out, split):
-        return [im["file_name"].split("/")[-1] for im in json.loads((out / f"{split}.json").read_text())["images"]]
 
-    r = convert_dataset("voc0712", raw, tmp_path / "p0712", tmp_path, 0.0, val_max_images=3)
+def test_voc0712_split_rules(tmp_path):
+    """voc0712: val held out from 07+12 trainval (removed from train), test = 07 test; no image in
+    two splits; the same choice every time, whatever the listing order."""
+    raw = _voc0712_raw(tmp_path)
+    r = convert_dataset("voc0712", raw, tmp_path / "p0712", tmp_path, 0.0, val_fraction=0.1)
     out = tmp_path / "p0712"
-    # train = 07 trainval + 12 trainval (the empty 000003 dropped from train), test = 07 test
-    assert files(out, "train") == ["000001.jpg", "000002.jpg", "2008_000001.jpg", "2008_000002.jpg"]
-    assert r["splits"]["train"]["anomalies"]["empty_image_dropped"]["examples"] == [
-        "raw/VOCdevkit/VOC2007/JPEGImages/000003.jpg"
-    ]
-    assert files(out, "test") == [f"00000{i}.jpg" for i in range(4, 10)]
-    assert files(out, "val") == ["000004.jpg", "000006.jpg", "000008.jpg"]  # evenly spaced subset
+    _assert_disjoint(out)
+    base = lambda names: sorted(n.split("/")[-1] for n in names)  # noqa: E731
+    assert base(_split_files(out, "test")) == [f"0000{i:02d}.jpg" for i in range(21, 27)]
+    val, train = _split_files(out, "val"), _split_files(out, "train")
+    assert len(val) == 4 and r["val"] == {"from": "train", "val_fraction": 0.1, "val_max_images": None, "images": 4}
+    pool = {f"raw/VOCdevkit/VOC2007/JPEGImages/0000{i:02d}.jpg" for i in range(1, 21)} | {
+        f"raw/VOCdevkit/VOC2012/JPEGImages/2008_0000{i:02d}.jpg" for i in range(1, 21)}
+    empty = "raw/VOCdevkit/VOC2007/JPEGImages/000003.jpg"
+    # the held-out images leave train; the empty image is dropped from train (kept if held out)
+    assert set(train) | set(val) == pool - ({empty} - set(val))
+    if empty not in val:
+        assert r["splits"]["train"]["anomalies"]["empty_image_dropped"]["examples"] == [empty]
     assert r["splits"]["train"]["sources"] == ["raw/VOCdevkit/VOC2007:trainval", "raw/VOCdevkit/VOC2012:trainval"]
+    assert r["splits"]["val"]["images_written"] == 4
+    # deterministic: the same held-out images again, and a cap applies
+    convert_dataset("voc0712", raw, tmp_path / "again", tmp_path, 0.0, val_fraction=0.1)
+    assert _split_files(tmp_path / "again", "val") == val
+    convert_dataset("voc0712", raw, tmp_path / "capped", tmp_path, 0.0, val_fraction=0.1, val_max_images=2)
+    assert len(_split_files(tmp_path / "capped", "val")) == 2
+    # the paper's protocol: no validation split, all of trainval trains
+    r0 = convert_dataset("voc0712", raw, tmp_path / "paper", tmp_path, 0.0, val_fraction=0.0)
+    assert _split_files(tmp_path / "paper", "val") == [] and r0["val"]["images"] == 0
+    assert len(_split_files(tmp_path / "paper", "train")) == 39  # 40 less the empty image
 
+
+def test_voc2007_and_voc2012_split_rules(tmp_path):
+    raw = _voc0712_raw(tmp_path)
     convert_dataset("voc2007", raw, tmp_path / "p07", tmp_path, 0.0)
-    assert files(tmp_path / "p07", "train") == ["000001.jpg"]
-    r07 = json.loads((tmp_path / "p07" / "report.json").read_text())
+    out07 = tmp_path / "p07"
+    _assert_disjoint(out07)
+    assert len(_split_files(out07, "train")) == 9  # 10 less the empty 000003
+    assert len(_split_files(out07, "val")) == 10 and len(_split_files(out07, "test")) == 6
+    r07 = json.loads((out07 / "report.json").read_text())
     assert r07["splits"]["train"]["anomalies"]["image_no_objects"]["count"] == 1
-    assert files(tmp_path / "p07", "val") == ["000002.jpg"]
-    convert_dataset("voc2012", raw, tmp_path / "p12", tmp_path, 0.0)
-    assert files(tmp_path / "p12", "test") == files(tmp_path / "p12", "val") == ["2008_000002.jpg"]
+    assert r07["val"] == {"from": "dataset", "val_max_images": None}
+    r12 = convert_dataset("voc2012", raw, tmp_path / "p12", tmp_path, 0.0, val_fraction=0.25)
+    out12 = tmp_path / "p12"
+    _assert_disjoint(out12)
+    # test = VOC2012 val; val = 3 of the 12 VOC2012 train images, which leave train
+    assert [f.split("/")[-1] for f in _split_files(out12, "test")] == [f"2008_0000{i:02d}.jpg" for i in range(13, 21)]
+    assert len(_split_files(out12, "val")) == 3 and len(_split_files(out12, "train")) == 9
+    assert r12["splits"]["val"]["sources"] == ["held out from train: 3 of 12 images"]
+
+
+def test_synthetic_val_and_test_are_disjoint(tiny_data):
+    _assert_disjoint(tiny_data / "processed")
+
+
+def test_holdout_size_rules():
+    from pipeline.convert import holdout_size
+
+    assert holdout_size(100, 0.05, None) == 5
+    assert holdout_size(100, 0.05, 3) == 3
+    assert holdout_size(10, 0.01, None) == 1  # a positive fraction holds out at least one image
+    assert holdout_size(2, 0.9, None) == 1  # train keeps one
+    assert holdout_size(100, 0.0, None) == 0 and holdout_size(1, 0.5, None) == 0
+    with pytest.raises(ValueError, match="val_fraction must be in"):
+        convert_dataset("voc2007", Path("raw"), Path("out"), Path("."), 0.0, val_fraction=1.0)
 
 
 def _coco_tree(root: Path) -> Path:
@@ -326,10 +383,10 @@ def test_coco_contiguous_ids(tmp_path):
     out = tmp_path / "val.json"
     report = convert_coco(tmp_path, "raw/coco/annotations/instances_val2017.json", "raw/coco/val2017", out)
     coco = json.loads(out.read_text())
-    assert coco["categories"] == [
-        {"id": 1, "name": "person", "supercategory": "person"},
-        {"id": 2, "name": "car", "supercategory": "vehicle"},
-        {"id": 3, "name": "toothbrush", "supercategory": "indoor"},
+    assert coco["categories"] == [  # contiguous labels; the dataset's own ids kept as source_id
+        {"id": 1, "name": "person", "supercategory": "person", "source_id": 1},
+        {"id": 2, "name": "car", "supercategory": "vehicle", "source_id": 3},
+        {"id": 3, "name": "toothbrush", "supercategory": "indoor", "source_id": 90},
     ]
     assert [(im["id"], im["file_name"]) for im in coco["images"]] == [
         (9, "raw/coco/val2017/000000000009.jpg"), (25, "raw/coco/val2017/000000000025.jpg")
@@ -346,12 +403,25 @@ def test_coco_contiguous_ids(tmp_path):
     loaded = COCO(str(out))
     assert loaded.getCatIds() == [1, 2, 3] and sorted(loaded.getImgIds()) == [9, 25]
 
-    r = convert_dataset("coco2017", tmp_path / "raw", tmp_path / "processed", tmp_path, 0.5)
+    # train2017 gets two more annotated images, so that train keeps some after the hold-out
+    train_json = tmp_path / "raw/coco/annotations/instances_train2017.json"
+    instances = json.loads(train_json.read_text())
+    for k, image_id in enumerate((40, 41)):
+        (tmp_path / f"raw/coco/train2017/0000000000{image_id}.jpg").write_bytes(_jpeg(32, 32, 3 + k))
+        instances["images"].append({"id": image_id, "file_name": f"0000000000{image_id}.jpg", "width": 32, "height": 32})
+        instances["annotations"].append({"id": 100 + k, "image_id": image_id, "category_id": 3, "bbox": [1, 1, 8, 8],
+                                         "area": 64, "iscrowd": 0})
+    train_json.write_text(json.dumps(instances))
+    r = convert_dataset("coco2017", tmp_path / "raw", tmp_path / "processed", tmp_path, 0.5, val_fraction=0.3)
     assert r["classes"] == ["person", "car", "toothbrush"]
-    train = json.loads((tmp_path / "processed" / "train.json").read_text())
-    assert [im["id"] for im in train["images"]] == [9]  # the empty image is dropped from train
-    test = json.loads((tmp_path / "processed" / "test.json").read_text())
-    assert [im["file_name"] for im in test["images"]] == [
+    out = tmp_path / "processed"
+    _assert_disjoint(out)
+    # val: one image held out of train2017; test: val2017; the empty image never trains
+    train, val = _split_files(out, "train"), _split_files(out, "val")
+    assert len(val) == 1 and val[0].startswith("raw/coco/train2017/")
+    pool = {f"raw/coco/train2017/0000000000{i:02d}.jpg" for i in (9, 25, 40, 41)}
+    assert set(train) | set(val) == pool - ({"raw/coco/train2017/000000000025.jpg"} - set(val))
+    assert _split_files(out, "test") == [
         "raw/coco/val2017/000000000009.jpg", "raw/coco/val2017/000000000025.jpg"
     ]
 

@@ -39,6 +39,13 @@ def test_set_overrides_are_typed_and_checked():
         ("data.synthetic.objects_per_image=[3, 1]", r"data.synthetic.objects_per_image must satisfy 1 <= min <= max <= 127, got \[3, 1\]"),
         ("data.synthetic.object_size_range=[0.5]", "data.synthetic.object_size_range must have 2 values"),
         ("data.synthetic.max_occlusion=1", r"data.synthetic.max_occlusion must be in \[0, 1\)"),
+        ("data.val_fraction=1", r"data.val_fraction must be in \[0, 1\)"),
+        ("data.val_max_images=0", "data.val_max_images must be >= 1 or null"),
+        ("train.select=first", "train.select must be 'best'"),
+        ("train.difficult=skip", "train.difficult must be one of target, ignore, drop"),
+        ("model.pretrained=s3://b/vgg.pth", "model.pretrained is remote .* needs model.pretrained_sha256"),
+        ("model.pretrained_sha256=abc", "model.pretrained_sha256 must be 64 hex digits"),
+        ("model.pretrained=https://x/vgg.pth", "model.pretrained must be a local path or s3://"),
     ],
 )
 def test_bad_params_name_the_key(item, message):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -230,9 +231,12 @@ def search(tiny_data, tune_ray, tmp_path_factory, make_params):
     from pipeline.tune import TEST_SCORE_OFFSETS_ENV, run_search
 
     tmp = tmp_path_factory.mktemp("tune")
+    data = tmp / "data"  # without test.json: the search and the training after it never read the test split
+    shutil.copytree(tiny_data, data)
+    (data / "processed" / "test.json").unlink()
     missing = tmp / "no-such-data"
-    space = {"data.root": {"grid": [str(tiny_data), str(missing)]}, "model.fusion_channels": {"grid": [24, 32]}}
-    p = make_params(tmp / "params.yaml", tiny_data, tmp, space, **{
+    space = {"data.root": {"grid": [str(data), str(missing)]}, "model.fusion_channels": {"grid": [24, 32]}}
+    p = make_params(tmp / "params.yaml", data, tmp, space, **{
         "tune.epochs": 3, "tune.scheduler.grace_period": 1, "tune.scheduler.reduction_factor": 2,
         "train.max_failures": 0, "train.use_tuned": True,
     })
