@@ -76,15 +76,27 @@ def postprocess(
 
     img_idx, prior_idx, cls_idx = torch.nonzero(scores > score_threshold, as_tuple=True)
     cand_scores = scores[img_idx, prior_idx, cls_idx]
+    # One canonical candidate order: descending score, equal scores in (image, prior, class) order
+    # (nonzero's), so that ties are resolved the same way on every device and batch split.
+    order = torch.sort(cand_scores, descending=True, stable=True).indices
+    img_idx, prior_idx, cls_idx, cand_scores = img_idx[order], prior_idx[order], cls_idx[order], cand_scores[order]
     groups = img_idx * (c - 1) + cls_idx
-    if pre_nms_top_k is not None and cand_scores.numel():
-        order = torch.argsort(cand_scores, descending=True)
-        keep = order[_rank_within_groups(groups[order]) < pre_nms_top_k]
-        img_idx, prior_idx, cls_idx = img_idx[keep], prior_idx[keep], cls_idx[keep]
-        cand_scores, groups = cand_scores[keep], groups[keep]
+    rank = _rank_within_groups(groups)  # 0 = the best candidate of its (image, class)
+    if pre_nms_top_k is not None:
+        sel = rank < pre_nms_top_k
+        img_idx, prior_idx, cls_idx = img_idx[sel], prior_idx[sel], cls_idx[sel]
+        cand_scores, groups, rank = cand_scores[sel], groups[sel], rank[sel]
     cand_boxes = boxes[img_idx, prior_idx]
     nms_boxes = cand_boxes + cand_boxes.new_tensor([0.0, 0.0, 1.0, 1.0]) if plus_one else cand_boxes
-    keep = batched_nms(nms_boxes, cand_scores, groups, nms_threshold)  # descending score
+    if nms_boxes.numel():
+        # batched_nms separates the groups by offsets of (max coordinate + 1), which assumes
+        # coordinates >= 0; unclipped boxes hanging off the top-left would let one class or one
+        # image of the batch suppress another's boxes. IoU does not change under a translation.
+        nms_boxes = nms_boxes - nms_boxes.min()
+    # NMS ranks by the canonical order (exact in float32: a rank is below the number of priors);
+    # its decisions are those of the scores, with equal scores resolved deterministically.
+    keep = batched_nms(nms_boxes, -rank.to(nms_boxes.dtype), groups, nms_threshold)
+    keep = torch.sort(keep).values  # back to the canonical (descending score) order
     if top_k_per_class is not None:
         keep = keep[_rank_within_groups(groups[keep]) < top_k_per_class]
     keep = keep[_rank_within_groups(img_idx[keep]) < max_detections]

@@ -222,7 +222,12 @@ class Predictor:
         Returns:
             one dict per image: ``boxes`` float32 [K, 4] (x1, y1, x2, y2) in that image's pixels
             (not clipped), ``scores`` float32 [K], ``labels`` int64 [K] in 1..K, ``names`` list of
-            K class names, sorted by descending score.
+            K class names, sorted by descending score (equal scores in prior order).
+
+        An image's detections do not depend on the other images of its batch, up to float
+        rounding: the convolution kernels (oneDNN, cuDNN) differ with the batch shape and the
+        machine, so scores can move by ~1e-6 with ``batch_size`` or the device, and detections
+        with nearly equal scores can swap ranks. Compare results as sets, not by rank.
         """
         if isinstance(images, np.ndarray) and images.ndim == 3 and images.dtype == np.uint8 and images.shape[-1] in (3, 4):
             raise ValueError("predict takes a list of images; wrap a single image as [image]")

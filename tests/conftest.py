@@ -157,3 +157,95 @@ def mlflow_server():
     """``with mlflow_server(store_uri, artifacts_dir, cwd, env) as base_url:`` runs `mlflow server`
     on a free loopback port until the block ends."""
     return _mlflow_server
+
+
+def _detection_arrays(det) -> tuple:
+    import numpy as np
+
+    boxes = np.asarray(det["boxes"], dtype=np.float64).reshape(-1, 4)
+    scores = np.asarray(det["scores"], dtype=np.float64).reshape(-1)
+    labels = np.asarray(det["labels"]).reshape(-1).astype(np.int64)
+    assert len(boxes) == len(scores) == len(labels), "boxes, scores and labels differ in length"
+    return boxes, scores, labels
+
+
+def _pairwise_iou(a, b):
+    import numpy as np
+
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(-1)
+    area_a = np.clip(a[:, 2:] - a[:, :2], 0, None).prod(-1)
+    area_b = np.clip(b[:, 2:] - b[:, :2], 0, None).prod(-1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    iou = np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+    same = np.isclose(a[:, None, :], b[None, :, :], rtol=0, atol=1e-9).all(-1)
+    return np.where(same, 1.0, iou)  # identical (even degenerate) boxes match
+
+
+def assert_same_detections(actual, expected, *, iou: float = 0.99, score_atol: float = 1e-4,
+                           box_atol: float | None = None, score_threshold: float | None = None,
+                           rivals: int = 0, what: str = "detections") -> int:
+    """Assert that two detection lists for one image are the same set, whatever their order.
+
+    ``actual`` / ``expected``: dicts with ``boxes`` [K, 4] (x1, y1, x2, y2), ``scores`` [K] and
+    ``labels`` [K] (a :meth:`fssd.predictor.Predictor.predict` entry; arrays, tensors or lists).
+    Each expected detection, best first, takes the unused actual detection of the same label with
+    the highest IoU, if that IoU is >= ``iou``, the scores differ by <= ``score_atol`` and (with
+    ``box_atol``) every coordinate by <= ``box_atol``. Ranks are not compared: the same image gives
+    scores ~1e-6 apart in another batch composition or on another CPU (the conv kernels differ), so
+    detections with near-equal scores can swap places. For the same reason an unmatched detection
+    is accepted only where such a near-tie decides membership: scoring within ``score_atol`` of the
+    other list's lowest score (a top-k / max_detections cut) or of ``score_threshold``; or, at most
+    ``rivals`` times (default 0), paired with an unmatched detection of the same label that
+    overlaps it (IoU > 0.3) and scores within ``score_atol`` (two NMS rivals, each run kept the
+    other). Returns the number of matched pairs.
+    """
+    import numpy as np
+
+    a_boxes, a_scores, a_labels = _detection_arrays(actual)
+    e_boxes, e_scores, e_labels = _detection_arrays(expected)
+    ious = _pairwise_iou(e_boxes, a_boxes) if len(e_boxes) and len(a_boxes) else np.zeros((len(e_boxes), len(a_boxes)))
+    used = np.zeros(len(a_boxes), dtype=bool)
+    unmatched_e = []
+    for i in np.argsort(-e_scores, kind="stable"):
+        ok = (~used) & (a_labels == e_labels[i]) & (ious[i] >= iou) & (np.abs(a_scores - e_scores[i]) <= score_atol)
+        if box_atol is not None:
+            ok &= (np.abs(a_boxes - e_boxes[i]) <= box_atol).all(axis=1)
+        if ok.any():
+            used[int(np.argmax(np.where(ok, ious[i], -1.0)))] = True
+        else:
+            unmatched_e.append(int(i))
+    unmatched_a = [int(j) for j in np.flatnonzero(~used)]
+
+    def near_cut(score: float, other_scores) -> bool:
+        return (len(other_scores) > 0 and score <= other_scores.min() + score_atol) or (
+            score_threshold is not None and score <= score_threshold + score_atol)
+
+    problems = []
+    rest_a = list(unmatched_a)
+    for i in unmatched_e:
+        if near_cut(e_scores[i], a_scores):
+            continue
+        rival = next((j for j in rest_a if a_labels[j] == e_labels[i] and abs(a_scores[j] - e_scores[i]) <= score_atol
+                      and ious[i, j] > 0.3), None) if rivals > 0 else None
+        if rival is not None:
+            rest_a.remove(rival)
+            rivals -= 1
+        else:
+            best = float(ious[i].max()) if ious.shape[1] else 0.0
+            problems.append(f"expected label {e_labels[i]} score {e_scores[i]:.6f} box {np.round(e_boxes[i], 3).tolist()} "
+                            f"has no match in actual (best IoU with any actual box {best:.4f})")
+    for j in rest_a:
+        if not near_cut(a_scores[j], e_scores):
+            problems.append(f"actual label {a_labels[j]} score {a_scores[j]:.6f} box {np.round(a_boxes[j], 3).tolist()} "
+                            "is not among the expected")
+    assert not problems, f"{what}: {len(a_scores)} actual vs {len(e_scores)} expected, differences:\n  " + "\n  ".join(problems)
+    return len(e_scores) - len(unmatched_e)
+
+
+@pytest.fixture(scope="session")
+def same_detections():
+    """``same_detections(actual, expected, iou=0.99, score_atol=1e-4, box_atol=None, ...)``: the two
+    detection lists are the same set, order ignored (see :func:`assert_same_detections`)."""
+    return assert_same_detections

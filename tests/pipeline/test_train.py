@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -57,8 +58,14 @@ def test_worker_killed_resumes_without_duplicate_mlflow_steps(tiny_data, ray_ses
     import mlflow
 
     from pipeline.cli import main
+    from pipeline.tracking import files_sha256
 
     monkeypatch.chdir(tmp_path)
+    # the stage runs in a git checkout: the MLflow run is tagged with its commit
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid", "-c", "commit.gpgsign=false"]
+    subprocess.run(git + ["init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run(git + ["commit", "-q", "--allow-empty", "-m", "init"], cwd=tmp_path, check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, check=True, capture_output=True, text=True).stdout.strip()
     p = make_params(tmp_path / "params.yaml", tiny_data, tmp_path,
                      **{"train.epochs": 3, "train.max_failures": 1, "train.use_tuned": False})
     marker = tmp_path / "killed"
@@ -72,8 +79,8 @@ def test_worker_killed_resumes_without_duplicate_mlflow_steps(tiny_data, ray_ses
     assert sorted(m.step for m in history) == [1, 2, 3]
     run = client.get_run(metrics["mlflow_run_id"])
     assert run.info.status == "FINISHED"
-    assert "git.commit" in run.data.tags or True  # tmp dir is not a git repo; the data hash tag is there
-    assert "data.sha256" in run.data.tags
+    assert run.data.tags.get("git.commit") == head
+    assert run.data.tags.get("data.sha256") == files_sha256(sorted((tiny_data / "processed").glob("*.json")))
     assert any(a.path == "checkpoint" for a in client.list_artifacts(run.info.run_id))
 
 
@@ -85,21 +92,42 @@ def test_interrupted_train_continues_at_next_epoch(tiny_data, tmp_path, make_par
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "pipeline.cli", "train", "--params", str(p)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    deadline = time.time() + 400
-    try:
+    lines: list[str] = []
+
+    def drain() -> None:  # keep reading, so that a full pipe never blocks the run
         for line in proc.stdout:
             lines.append(line)
-            if "Checkpoint successfully created" in line and "checkpoint_epoch0001" in line or "[fssd] epoch 1/3" in line:
-                if any("[fssd] epoch 1/3" in x for x in lines):
-                    time.sleep(3)  # let the epoch-1 report persist
-                    proc.send_signal(signal.SIGINT)
-                    break
-            assert time.time() < deadline, "training did not reach epoch 1"
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    storage = tmp_path / "ray_results" / "train"
+
+    def latest_persisted() -> str | None:
+        """The checkpoint a re-run resumes from: the latest one in Ray Train's checkpoint-manager
+        snapshot (written after the checkpoint directory is in storage), if it is readable yet."""
+        for snapshot in storage.glob("*/checkpoint_manager_snapshot.json"):
+            try:
+                latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+            except (OSError, ValueError):  # not there yet, or being written
+                continue
+            name = latest.get("checkpoint_dir_name")
+            if name and (snapshot.parent / name / "checkpoint.pt").is_file():
+                return name
+        return None
+
+    try:
+        deadline = time.monotonic() + 400
+        while (latest := latest_persisted()) is None:
+            assert proc.poll() is None, "training exited before persisting epoch 1:\n" + "".join(lines[-40:])
+            assert time.monotonic() < deadline, "epoch 1 was not persisted in 400 s:\n" + "".join(lines[-40:])
+            time.sleep(0.2)
+        assert latest == "checkpoint_epoch0001", f"first persisted checkpoint is {latest}"
+        proc.send_signal(signal.SIGINT)
         proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
+        reader.join(timeout=10)
     assert not (tmp_path / "metrics" / "train.json").exists(), "the first run should have been interrupted"
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
