@@ -4,6 +4,9 @@
 * :func:`vgg16_backbone_from_torchvision`: torchvision's ImageNet VGG16 state dict -> our
   reduced-fc VGG16 backbone (fc6/fc7 decimated into the dilated conv6 and the 1x1 conv7, as
   the SSD paper did for its "VGG_ILSVRC_16_layers_fc_reduced" model).
+* :func:`transfer_detector`: a trained FSSD (another class list) -> a new FSSD, for fine-tuning
+  (e.g. COCO -> VOC07+12): everything loads as it is except the class rows of the conf heads,
+  which are matched by class name.
 
 Files are read with ``torch.load(weights_only=True)``; nothing is downloaded here.
 """
@@ -12,13 +15,23 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["from_pytorchssd", "vgg16_backbone_from_torchvision", "load_state_dict_file", "WeightsError"]
+from .models.fssd import FSSD
+
+__all__ = [
+    "from_pytorchssd",
+    "vgg16_backbone_from_torchvision",
+    "load_state_dict_file",
+    "transfer_detector",
+    "TransferReport",
+    "WeightsError",
+]
 
 
 class WeightsError(ValueError):
@@ -117,3 +130,148 @@ def vgg16_backbone_from_torchvision(state_dict: Mapping[str, Tensor]) -> dict[st
     out["layers.33.weight"] = fc7_w.float().reshape(4096, 4096, 1, 1)[::4, ::4].contiguous()
     out["layers.33.bias"] = fc7_b.float()[::4].contiguous()
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# fine-tuning from a trained detector
+
+_CONF_KEY = re.compile(r"^conf_head\.(\d+)\.(weight|bias)$")
+
+
+@dataclass(frozen=True)
+class TransferReport:
+    """What :func:`transfer_detector` did.
+
+    Attributes:
+        copied: target classes whose conf-head rows came from the source class of the same name
+            (in the target's order).
+        new: target classes not among the source classes: their rows keep the model's fresh
+            initialisation (in the target's order).
+        dropped: source classes not among the target classes: their rows were not used (in the
+            source's order).
+        loaded_keys: state-dict tensors loaded whole (backbone, fusion, pyramid, loc heads).
+        conf_keys: conf-head tensors (weights and biases) loaded row by row (background and
+            ``copied`` rows).
+    """
+
+    copied: tuple[str, ...]
+    new: tuple[str, ...]
+    dropped: tuple[str, ...]
+    loaded_keys: int
+    conf_keys: int
+
+    def describe(self) -> str:
+        """One line for a log: what was copied, re-initialised and dropped."""
+
+        def names(xs: tuple[str, ...]) -> str:
+            return ", ".join(xs) if xs else "none"
+
+        return (
+            f"loaded {self.loaded_keys} tensors as they are and {self.conf_keys} conf-head tensors by class; "
+            f"classes copied: {names(self.copied)}; re-initialised: {names(self.new)}; "
+            f"dropped: {names(self.dropped)}"
+        )
+
+
+def _check_classes(classes: Sequence[str], what: str) -> list[str]:
+    if isinstance(classes, str):
+        raise ValueError(f"{what} must be a list of class names, not a string")
+    out = [str(c) for c in classes]
+    seen: set[str] = set()
+    for c in out:
+        if c in seen:
+            raise ValueError(f"{what} name class {c!r} twice; class names must be unique")
+        seen.add(c)
+    return out
+
+
+def transfer_detector(
+    source_state: Mapping[str, Tensor],
+    source_classes: Sequence[str],
+    model: FSSD,
+    target_classes: Sequence[str],
+) -> TransferReport:
+    """Load a trained detector's weights into ``model`` (built for other classes), in place.
+
+    * Every tensor outside the conf heads (backbone, fusion, pyramid, loc heads, BatchNorm
+      buffers) is copied as it is; the loc heads are class-agnostic. The networks must have the
+      same architecture: a missing key or a different shape (another preset, ``fusion_channels``,
+      ``backbone_width``, pyramid or aspect ratios) raises :class:`WeightsError` (a ValueError)
+      naming the first such key.
+    * The conf heads (``conf_head.i``: a 3x3 conv with ``A * C`` output channels, anchor-major:
+      channel ``a * C + c`` is class column ``c`` of anchor ``a``, as ``FSSD.forward`` reshapes
+      it; column 0 is the background) are copied row by row: the background rows, and for every
+      target class whose name is among ``source_classes`` the rows of the source column of that
+      name. The rows of the other target classes keep the model's fresh initialisation.
+
+    Class names match exactly (case-sensitive, no trimming or aliases): rename classes in the
+    dataset, or in the list passed here, when the two spell them differently ("tv" vs
+    "tvmonitor"). ``module.`` prefixes (DataParallel/DDP) in ``source_state`` are removed.
+
+    Args:
+        source_state: the trained model's state dict (an FSSD checkpoint's ``model``).
+        source_classes: its K object class names (no background), in label order 1..K.
+        model: the freshly built model to fine-tune (``model.num_classes == len(target_classes) + 1``).
+        target_classes: the new dataset's class names, in label order.
+
+    Returns:
+        A :class:`TransferReport`. Nothing in ``model`` changes when an error is raised.
+    """
+    src_names = _check_classes(source_classes, "source_classes")
+    tgt_names = _check_classes(target_classes, "target_classes")
+    if model.num_classes != len(tgt_names) + 1:
+        raise ValueError(
+            f"the model has num_classes={model.num_classes} (background included) but {len(tgt_names)} target "
+            "classes were given; build it with len(target_classes) + 1 classes"
+        )
+    src = _strip_prefix(source_state)
+    cs, ct = len(src_names) + 1, model.num_classes
+    fix = ("build the model with the source's preset, fusion_channels, backbone_width and aspect ratios "
+           "(its checkpoint's config holds them), or start from ImageNet weights instead")
+
+    target = model.state_dict()
+
+    plan: list[tuple[str, Tensor, Tensor]] = []  # (key, target tensor, value) copied whole
+    conf: list[tuple[str, Tensor, Tensor]] = []
+    for key, dst in target.items():
+        if key not in src:
+            raise WeightsError(f"the source state dict lacks {key!r}; {fix}")
+        value = src[key]
+        if not _CONF_KEY.match(key):
+            if tuple(value.shape) != tuple(dst.shape):
+                raise WeightsError(
+                    f"{key!r} has shape {tuple(value.shape)} in the source but {tuple(dst.shape)} in the model; {fix}"
+                )
+            plan.append((key, dst, value))
+            continue
+        rows_s, rows_t = value.shape[0], dst.shape[0]
+        if rows_s % cs or rows_t % ct or rows_s // cs != rows_t // ct or tuple(value.shape[1:]) != tuple(dst.shape[1:]):
+            raise WeightsError(
+                f"{key!r} has shape {tuple(value.shape)} in the source ({cs} classes with the background) but "
+                f"{tuple(dst.shape)} in the model ({ct} classes): not the same anchors and input channels; {fix}"
+            )
+        conf.append((key, dst, value))
+    unexpected = [k for k in src if k not in target]
+    if unexpected:
+        raise WeightsError(f"the source state dict has {unexpected[0]!r}, which this model lacks; {fix}")
+
+    src_col = {name: i + 1 for i, name in enumerate(src_names)}
+    pairs = [(0, 0)] + [(t + 1, src_col[name]) for t, name in enumerate(tgt_names) if name in src_col]
+    t_idx = torch.tensor([t for t, _ in pairs])
+    s_idx = torch.tensor([s for _, s in pairs])
+    with torch.no_grad():
+        for _, dst, value in plan:
+            dst.copy_(value)
+        for _, dst, value in conf:
+            anchors = dst.shape[0] // ct
+            d = dst.view(anchors, ct, *dst.shape[1:])
+            v = value.reshape(anchors, cs, *value.shape[1:]).to(device=dst.device, dtype=dst.dtype)
+            d[:, t_idx.to(dst.device)] = v[:, s_idx.to(dst.device)]
+    kept = set(tgt_names)
+    return TransferReport(
+        copied=tuple(n for n in tgt_names if n in src_col),
+        new=tuple(n for n in tgt_names if n not in src_col),
+        dropped=tuple(n for n in src_names if n not in kept),
+        loaded_keys=len(plan),
+        conf_keys=len(conf),
+    )

@@ -80,3 +80,63 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(CheckpointError, match="3 class names"):
         save_checkpoint(tmp_path / "x.pt", model, preset_config("fssd_lite", 5), ["a", "b", "c"])
     assert not (tmp_path / "x.pt").exists()
+
+
+def _micro(num_classes: int, seed: int, **overrides):
+    torch.manual_seed(seed)
+    return build_fssd("fssd_lite", num_classes, input_size=64, fusion_channels=8, **overrides)
+
+
+def test_transfer_detector_copies_matching_class_rows():
+    from fssd.weights import TransferReport, transfer_detector
+
+    source = _micro(4, seed=1)  # classes a, b, c
+    with torch.no_grad():  # randomise every tensor, so that nothing equals a fresh init by chance
+        for name, t in source.state_dict().items():
+            if t.is_floating_point():
+                t.copy_(torch.rand_like(t) + 0.5 if name.endswith("running_var") else torch.randn_like(t))
+    target = _micro(4, seed=2)  # classes b, c, d
+    fresh = {k: v.clone() for k, v in target.state_dict().items()}
+
+    report = transfer_detector(source.state_dict(), ["a", "b", "c"], target, ["b", "c", "d"])
+    assert isinstance(report, TransferReport)
+    assert (report.copied, report.new, report.dropped) == (("b", "c"), ("d",), ("a",))
+    src, tgt = source.state_dict(), target.state_dict()
+    heads = [k for k in tgt if k.startswith("conf_head.")]
+    assert report.conf_keys == len(heads) == 12 and report.loaded_keys == len(tgt) - len(heads)
+    assert "re-initialised: d" in report.describe() and "dropped: a" in report.describe()
+    for key, value in tgt.items():  # backbone, fusion (BatchNorm buffers too), pyramid, loc heads
+        if not key.startswith("conf_head."):
+            assert torch.equal(value, src[key]), key
+    for i, anchors in enumerate(target.prior_config.anchors_per_location):
+        for part in ("weight", "bias"):
+            key = f"conf_head.{i}.{part}"
+            s = src[key].reshape(anchors, 4, *src[key].shape[1:])  # channel a*C + c: anchor-major
+            t = tgt[key].reshape(anchors, 4, *tgt[key].shape[1:])
+            f = fresh[key].reshape(anchors, 4, *fresh[key].shape[1:])
+            for t_col, s_col in ((0, 0), (1, 2), (2, 3)):  # background, b, c
+                assert torch.equal(t[:, t_col], s[:, s_col]), (key, t_col)
+            assert torch.equal(t[:, 3], f[:, 3]), key  # d keeps the fresh init
+            assert not torch.equal(t[:, 3], s[:, 1])
+    # through forward: the same logits for background, b and c (the layout FSSD.forward reads)
+    source.eval(), target.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        (loc_s, conf_s), (loc_t, conf_t) = source(x), target(x)
+    torch.testing.assert_close(loc_t, loc_s)
+    torch.testing.assert_close(conf_t[..., :3], conf_s[..., [0, 2, 3]])
+
+
+def test_transfer_detector_rejects_another_architecture():
+    from fssd.weights import transfer_detector
+
+    source = _micro(4, seed=1)
+    target = build_fssd("fssd_lite", 4, input_size=64, fusion_channels=16)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(ValueError, match=r"'fusion\.reduce\.0\.weight'.*fusion_channels"):
+        transfer_detector(source.state_dict(), ["a", "b", "c"], target, ["b", "c", "d"])
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())  # nothing changed
+    with pytest.raises(ValueError, match=r"num_classes=4 \(background included\) but 2 target classes"):
+        transfer_detector(source.state_dict(), ["a", "b", "c"], _micro(4, seed=0), ["b", "c"])
+    with pytest.raises(ValueError, match="'conf_head.0.weight'"):  # source classes do not fit its heads
+        transfer_detector(source.state_dict(), ["a", "b"], _micro(4, seed=0), ["b", "c", "d"])
