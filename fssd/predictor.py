@@ -46,6 +46,8 @@ class Predictor:
         model: an :class:`fssd.FSSD` (or a wrapper with ``.module``); moved to ``device`` and put
             in eval mode.
         class_names: the K object class names; label ``k`` (1..K) is ``class_names[k - 1]``.
+        category_ids: the dataset's own id of each class (``category_ids[k - 1]``, e.g. COCO's
+            non-contiguous ids); default: the labels 1..K.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default CUDA when available, else CPU.
         score_threshold, nms_threshold, pre_nms_top_k, top_k_per_class, max_detections, plus_one:
             post-processing (see :func:`fssd.postprocess.postprocess`).
@@ -60,6 +62,7 @@ class Predictor:
         model: nn.Module,
         class_names: Sequence[str],
         *,
+        category_ids: Sequence[int] | None = None,
         device: str | torch.device | None = None,
         score_threshold: float = _DEFAULTS.score_threshold,
         nms_threshold: float = _DEFAULTS.nms_threshold,
@@ -92,6 +95,9 @@ class Predictor:
         self.device = _device(device)
         self.model = model.to(self.device).eval()
         self.class_names = [str(n) for n in class_names]
+        if category_ids is not None and len(category_ids) != len(self.class_names):
+            raise ValueError(f"{len(category_ids)} category ids given for {len(self.class_names)} classes")
+        self.category_ids = [int(c) for c in category_ids] if category_ids is not None else list(range(1, num_classes))
         cfg = model.config
         self.input_size = int(cfg.input_size)
         self.image_mean = tuple(float(v) for v in cfg.image_mean)
@@ -136,7 +142,8 @@ class Predictor:
         }
         # an override of None keeps the checkpoint's value, except where None means "no limit"
         kwargs.update({k: v for k, v in overrides.items() if v is not None or k in _NULLABLE})
-        return cls(model, payload["class_names"], device=dev, **kwargs)
+        category_ids = (payload.get("meta") or {}).get("category_ids")
+        return cls(model, payload["class_names"], category_ids=category_ids, device=dev, **kwargs)
 
     # ------------------------------------------------------------------------------------------
 
@@ -201,6 +208,7 @@ class Predictor:
                 "scores": d["scores"].cpu().numpy().astype(np.float32),
                 "labels": labels,
                 "names": [self.class_names[int(k) - 1] for k in labels],
+                "category_ids": [self.category_ids[int(k) - 1] for k in labels],
             })
         return out
 

@@ -185,11 +185,19 @@ def _check_classes(classes: Sequence[str], what: str) -> list[str]:
     return out
 
 
+#: VOC class -> COCO class, for the VOC names COCO spells differently (the other 14 are equal).
+VOC_FROM_COCO: dict[str, str] = {
+    "aeroplane": "airplane", "diningtable": "dining table", "motorbike": "motorcycle",
+    "pottedplant": "potted plant", "sofa": "couch", "tvmonitor": "tv",
+}
+
+
 def transfer_detector(
     source_state: Mapping[str, Tensor],
     source_classes: Sequence[str],
     model: FSSD,
     target_classes: Sequence[str],
+    class_map: Mapping[str, str] | None = None,
 ) -> TransferReport:
     """Load a trained detector's weights into ``model`` (built for other classes), in place.
 
@@ -204,15 +212,16 @@ def transfer_detector(
       target class whose name is among ``source_classes`` the rows of the source column of that
       name. The rows of the other target classes keep the model's fresh initialisation.
 
-    Class names match exactly (case-sensitive, no trimming or aliases): rename classes in the
-    dataset, or in the list passed here, when the two spell them differently ("tv" vs
-    "tvmonitor"). ``module.`` prefixes (DataParallel/DDP) in ``source_state`` are removed.
+    Class names match exactly (case-sensitive, no trimming); ``class_map`` names the source class
+    of a target class spelled differently (``{"tvmonitor": "tv"}``; :data:`VOC_FROM_COCO` for
+    VOC from COCO). ``module.`` prefixes (DataParallel/DDP) in ``source_state`` are removed.
 
     Args:
         source_state: the trained model's state dict (an FSSD checkpoint's ``model``).
         source_classes: its K object class names (no background), in label order 1..K.
         model: the freshly built model to fine-tune (``model.num_classes == len(target_classes) + 1``).
         target_classes: the new dataset's class names, in label order.
+        class_map: target class name -> source class name, where they differ.
 
     Returns:
         A :class:`TransferReport`. Nothing in ``model`` changes when an error is raised.
@@ -255,7 +264,14 @@ def transfer_detector(
     if unexpected:
         raise WeightsError(f"the source state dict has {unexpected[0]!r}, which this model lacks; {fix}")
 
+    class_map = dict(class_map or {})
+    unknown = sorted(set(class_map) - set(tgt_names)) or sorted(set(class_map.values()) - set(src_names))
+    if unknown:
+        raise ValueError(f"class_map names {unknown[0]!r}, which is not a target class (keys) or a source class "
+                         f"(values); target classes: {list(tgt_names)}; source classes: {list(src_names)}")
     src_col = {name: i + 1 for i, name in enumerate(src_names)}
+    for target_name, source_name in class_map.items():
+        src_col.setdefault(target_name, src_col[source_name])
     pairs = [(0, 0)] + [(t + 1, src_col[name]) for t, name in enumerate(tgt_names) if name in src_col]
     t_idx = torch.tensor([t for t, _ in pairs])
     s_idx = torch.tensor([s for _, s in pairs])
@@ -267,7 +283,7 @@ def transfer_detector(
             d = dst.view(anchors, ct, *dst.shape[1:])
             v = value.reshape(anchors, cs, *value.shape[1:]).to(device=dst.device, dtype=dst.dtype)
             d[:, t_idx.to(dst.device)] = v[:, s_idx.to(dst.device)]
-    kept = set(tgt_names)
+    kept = set(tgt_names) | set(class_map.values())
     return TransferReport(
         copied=tuple(n for n in tgt_names if n in src_col),
         new=tuple(n for n in tgt_names if n not in src_col),

@@ -69,10 +69,21 @@ def cmd_convert(args: argparse.Namespace) -> int:
     started = time.time()
     p = _params(args)
     d = p.data
-    kind = d.dataset if d.dataset != "custom" else args.format
+    kind = d.dataset
     root = Path(d.root)
-    report = convert_dataset(kind, root / "raw", root / "processed", root, d.max_bad_fraction,
-                             val_fraction=d.val_fraction, val_max_images=d.val_max_images)
+    if kind == "custom":
+        from .convert import convert_custom
+
+        report = convert_custom(d.format, root / "raw", root / "processed", root, d.max_bad_fraction,
+                                layout=d.layout, classes=d.classes,
+                                val_fraction=d.val_fraction, test_fraction=d.test_fraction,
+                                val_max_images=d.val_max_images)
+        if report.get("classes_found"):
+            print(f"[fssd] convert: classes found in the training annotations (data.classes is empty): "
+                  f"{', '.join(report['classes_found'])}")
+    else:
+        report = convert_dataset(kind, root / "raw", root / "processed", root, d.max_bad_fraction,
+                                 val_fraction=d.val_fraction, val_max_images=d.val_max_images)
     splits = report["splits"]
     counts = {s: splits[s]["images_written"] for s in splits}
     _timed_metrics(Path(args.metrics_out), started, {"dataset": kind, "classes": len(report["classes"]),
@@ -146,7 +157,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="convert data/raw into COCO-format split files in data/processed")
     add_common(p)
-    p.add_argument("--format", default="voc2007", help="layout of a custom dataset (voc2007, voc2012, voc0712, coco2017)")
     p.add_argument("--metrics-out", default="metrics/convert.json")
     p.set_defaults(func=cmd_convert)
 

@@ -1071,3 +1071,281 @@ def convert_dataset(
     write_json_atomic(out_dir / "report.json", report)
     (out_dir / "report.failed.json").unlink(missing_ok=True)
     return report
+
+
+# ------------------------------------------------------------------------------------------
+# Your own data: a VOC-XML or COCO-JSON export (CVAT, Label Studio, Roboflow, a script)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
+_VOC_IMAGE_DIRS = ("JPEGImages", "images", "Images", "")
+_SPLIT_NAMES = {"train": ("train", "Train", "training"), "val": ("val", "valid", "Validation", "validation"),
+                "test": ("test", "Test", "testing")}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a custom dataset's parts are, relative to its folder (``root``, relative to the raw
+    directory); ``None`` means: find it (see :func:`convert_custom`)."""
+
+    root: str = ""
+    annotations: str | None = None
+    images: str | None = None
+    train: str | None = None
+    val: str | None = None
+    test: str | None = None
+
+
+def _export_root(raw_dir: Path, layout: Layout) -> Path:
+    root = raw_dir / layout.root if layout.root else raw_dir
+    if not root.is_dir():
+        raise ConversionError(f"data.layout.root: {root} is not a folder; give the export's folder inside {raw_dir}")
+    if not layout.root:  # an archive that unpacks into one folder: use it
+        entries = [e for e in root.iterdir() if not e.name.startswith(".")]
+        if len(entries) == 1 and entries[0].is_dir():
+            return entries[0]
+    return root
+
+
+def _given(root: Path, rel: str | None, key: str, *, is_dir: bool) -> Path | None:
+    if rel is None:
+        return None
+    path = root / rel
+    if not (path.is_dir() if is_dir else path.is_file()):
+        raise ConversionError(f"data.layout.{key}: {path} does not exist; fix the path (relative to {root})")
+    return path
+
+
+def _image_finder(data_root: Path, dirs: Sequence[Path]) -> Any:
+    """A function: (a file name or stem, the annotation's folder) -> the image path relative to the
+    data root (the first existing candidate, else the first candidate: reported as missing)."""
+    def find(name: str | None, stem: str, beside: Path) -> str:
+        names = []
+        if name:
+            clean = name.replace("\\", "/")
+            names += [clean] if _safe_name(clean) else []
+            names.append(PurePosixPath(clean).name)
+        names += [stem + s for s in IMAGE_SUFFIXES]
+        candidates = [d / n for d in (*dirs, beside) for n in names if n]
+        for c in candidates:
+            if c.is_file():
+                return _rel(data_root, c)
+        return _rel(data_root, candidates[0])
+    return find
+
+
+def _voc_pool(root: Path, layout: Layout) -> tuple[Path, dict[str, list[Path]]]:
+    """(annotation folder, split -> XML files): the image-set files when the export has them
+    (given in data.layout or ``ImageSets/Main/<split>.txt``), per-split folders (Roboflow's
+    train/valid/test), else every XML file under the annotation folder as one pool (``"pool"``)."""
+    ann_dir = _given(root, layout.annotations, "annotations", is_dir=True)
+    if ann_dir is None:
+        ann_dir = root / "Annotations" if (root / "Annotations").is_dir() else root
+    splits: dict[str, list[Path]] = {}
+    sets_dir = root / "ImageSets" / "Main"
+    for split in ("train", "val", "test"):
+        given = _given(root, getattr(layout, split), split, is_dir=False)
+        if given is None and sets_dir.is_dir():
+            given = next((sets_dir / f"{n}.txt" for n in _SPLIT_NAMES[split] if (sets_dir / f"{n}.txt").is_file()), None)
+        if given is not None:
+            ids = [ln.split()[0] for ln in given.read_text(encoding="utf-8").splitlines() if ln.split()]
+            splits[split] = [ann_dir / f"{i}.xml" for i in ids]
+    if splits:
+        return ann_dir, splits
+    for split in ("train", "val", "test"):  # Roboflow: train/ valid/ test/ with XML beside the images
+        for name in _SPLIT_NAMES[split]:
+            if (root / name).is_dir() and any((root / name).glob("*.xml")):
+                splits[split] = sorted((root / name).glob("*.xml"))
+                break
+    if splits:
+        return ann_dir, splits
+    pool = sorted(p for p in ann_dir.rglob("*.xml") if "ImageSets" not in p.parts)
+    if not pool:
+        raise ConversionError(f"no VOC annotations (*.xml) found under {ann_dir}; set data.layout.annotations to the "
+                              "folder of XML files (relative to the export's folder), or data.format: coco")
+    return ann_dir, {"pool": pool}
+
+
+def _coco_files(root: Path, layout: Layout) -> dict[str, Path]:
+    """split -> COCO JSON: data.layout's, else found: ``annotations/instances_<split>.json`` (CVAT,
+    COCO), ``<split>/_annotations.coco.json`` (Roboflow), or a single JSON as one pool
+    (``result.json`` of Label Studio, CVAT's ``instances_default.json``)."""
+    files = {s: p for s in ("train", "val", "test") if (p := _given(root, getattr(layout, s), s, is_dir=False))}
+    if files:
+        return files
+    for split in ("train", "val", "test"):
+        for name in _SPLIT_NAMES[split]:
+            for cand in (root / "annotations" / f"instances_{name}.json", root / name / "_annotations.coco.json",
+                         root / f"{name}.json", root / "annotations" / f"{name}.json"):
+                if cand.is_file() and split not in files:
+                    files[split] = cand
+    if files:
+        return files
+    found = sorted([*root.glob("*.json"), *(root / "annotations").glob("*.json")])
+    if len(found) == 1:
+        return {"pool": found[0]}
+    if not found:
+        raise ConversionError(f"no COCO annotation file (*.json) found under {root}; set data.layout.train (and val, "
+                              "test) to the JSON files, relative to the export's folder, or data.format: voc")
+    raise ConversionError(f"several JSON files under {root} ({', '.join(p.name for p in found[:5])}) and none named "
+                          "after a split; set data.layout.train (and val, test) to the right ones")
+
+
+def _hold_out_splits(results: dict[str, tuple[dict, ConvertReport]], val_fraction: float, test_fraction: float,
+                     val_max_images: int | None) -> dict[str, list[str]]:
+    """Fill missing val/test splits from train (test first, then val; by file-name hash, so the
+    choice is deterministic and the splits never overlap). Returns the held-out file names."""
+    held: dict[str, list[str]] = {}
+    for split, fraction, cap in (("test", test_fraction, None), ("val", val_fraction, val_max_images)):
+        if split in results:
+            continue
+        pool, rep = results["train"]
+        n = holdout_size(len(pool["images"]), fraction, cap)
+        train, train_rep, part, part_rep = _hold_out(pool, rep, n)
+        part_rep.split = split
+        results["train"], results[split] = (train, train_rep), (part, part_rep)
+        held[split] = [im["file_name"] for im in part["images"]]
+    return held
+
+
+def convert_custom(
+    fmt: str,
+    raw_dir: Path,
+    out_dir: Path,
+    data_root: Path,
+    max_bad_fraction: float,
+    *,
+    layout: Layout = Layout(),
+    classes: Sequence[str] = (),
+    val_fraction: float = 0.05,
+    test_fraction: float = 0.1,
+    val_max_images: int | None = None,
+    check_images: bool = True,
+) -> dict:
+    """Convert your own VOC-XML or COCO-JSON export into ``out_dir/{train,val,test}.json``.
+
+    The export's folder is ``raw_dir/layout.root`` (default: ``raw_dir``, or the one folder an
+    archive unpacked into). Its parts are found unless ``layout`` names them:
+
+    * ``fmt="voc"``: XML files in ``Annotations/`` (else anywhere under the folder); each image is
+      found by the XML's ``<filename>`` or the XML's name with a JPEG/PNG suffix, in
+      ``layout.images``, ``JPEGImages/``, ``images/``, or beside the XML (CVAT, Label Studio,
+      Roboflow). Classes: ``classes`` in that label order (objects of other names are counted and
+      dropped), else the sorted names found in the training annotations.
+    * ``fmt="coco"``: one JSON per split (``annotations/instances_<split>.json``,
+      ``<split>/_annotations.coco.json``) or one JSON for everything (Label Studio's
+      ``result.json``); ``file_name`` is looked up in ``layout.images``, beside the JSON,
+      under ``images/``, by its base name too. The categories of the training JSON keep their
+      ids (``source_id``) and names; those without any training annotation are dropped (reported).
+
+    Splits: the export's own (image-set files ``ImageSets/Main/{train,val,test}.txt``, split
+    folders, split JSONs); missing test and val splits are held out of train (``test_fraction``,
+    then ``val_fraction`` capped at ``val_max_images``), deterministically and never overlapping;
+    the held-out file names are listed in ``report.json`` under ``held_out``. Every problem that
+    stops the conversion (no annotations, a class list that matches nothing, an empty split, too
+    many missing images) raises :class:`ConversionError` naming the path or key, before any split
+    file is written.
+    """
+    if fmt not in ("voc", "coco"):
+        raise ValueError(f"data.format must be 'voc' or 'coco', got {fmt!r}")
+    data_root = Path(os.path.abspath(data_root))
+    raw_dir = Path(os.path.abspath(raw_dir))
+    out_dir = Path(out_dir)
+    root = _export_root(raw_dir, layout)
+    image_dirs = [d for d in ([_given(root, layout.images, "images", is_dir=True)] if layout.images else
+                              [root / n for n in _VOC_IMAGE_DIRS if n and (root / n).is_dir()])]
+    find = _image_finder(data_root, image_dirs)
+    results: dict[str, tuple[dict, ConvertReport]] = {}
+    extra: dict[str, Any] = {}
+    if fmt == "voc":
+        _, parts = _voc_pool(root, layout)
+        first = parts.get("train") or parts.get("pool") or []
+        names = list(classes)
+        if not names:
+            found: set[str] = set()
+            for xml in first:
+                try:
+                    found.update(o["name"] for o in _parse_voc_xml_file(xml)[1] if o["name"])
+                except (_BadAnnotation, OSError):
+                    continue
+            names = sorted(found)
+            extra["classes_found"] = names
+            if not names:
+                raise ConversionError(f"no object names found in the training annotations under {root}; check "
+                                      "data.layout.annotations and that the XML files have <object><name>")
+        for split, xmls in parts.items():
+            items = [(_rel(data_root, x), (lambda fn, x=x: find(fn, x.stem, x.parent))) for x in xmls]
+            rep = ConvertReport(split=split, sources=[_rel(data_root, root)])
+            results[split] = _voc_items(data_root, items, rep, classes=names, keep_empty=True, check_images=check_images)
+        if classes:
+            pool = results.get("train", results.get("pool"))[0]
+            if not pool["annotations"]:
+                raise ConversionError(f"data.classes {list(classes)} match no object in the training annotations under "
+                                      f"{root}; fix the names (case matters) or leave data.classes empty to use the "
+                                      "names found")
+    else:
+        files = _coco_files(root, layout)
+        first_file = files.get("train") or files.get("pool")
+        if first_file is None:
+            raise ConversionError(f"COCO export under {root} has no training JSON (found: "
+                                  f"{', '.join(f'{k}: {v.name}' for k, v in files.items())}); set data.layout.train")
+        train_data = _load_coco_json(first_file, str(first_file))
+        cats = coco_categories(train_data, _rel(data_root, first_file))
+        used = {a.get("category_id") for a in train_data["annotations"] if isinstance(a, dict)}
+        unused = [c for c in cats if c["id"] not in used]
+        cats = [c for c in cats if c["id"] in used]
+        extra["categories_without_annotations"] = [f"{c['id']}: {c['name']}" for c in unused]
+        if not cats:
+            raise ConversionError(f"{first_file}: no category has an annotation; is this the right JSON?")
+        for split, f in files.items():
+            beside = f.parent
+            dirs = [*image_dirs, beside, beside / "images", root]
+            finder = _image_finder(data_root, dirs)
+            coco, rep = _coco_split(data_root, f, root, split=split, keep_empty=True, max_images=None,
+                                    check_images=check_images, categories_from=cats,
+                                    resolve_image=lambda fn, finder=finder, beside=beside: finder(
+                                        fn, PurePosixPath(fn.replace("\\", "/")).stem, beside))
+            results[split] = (coco, rep)
+    if "pool" in results:
+        results["train"] = results.pop("pool")
+        results["train"][1].split = "train"
+    held = _hold_out_splits(results, val_fraction, test_fraction, val_max_images)
+    # the training split never keeps images without objects
+    train, train_rep = results["train"]
+    with_objects = {a["image_id"] for a in train["annotations"]}
+    for im in train["images"]:
+        if im["id"] not in with_objects:
+            train_rep.add("empty_image_dropped", im["file_name"])
+    train["images"] = [im for im in train["images"] if im["id"] in with_objects]
+    train_rep.images_written = len(train["images"])
+    categories = train["categories"]
+    report: dict[str, Any] = {
+        "dataset": "custom",
+        "format": fmt,
+        "export_root": _rel(data_root, root),
+        "max_bad_fraction": max_bad_fraction,
+        "classes": [c["name"] for c in categories],
+        "category_ids": [c.get("source_id", c["id"]) for c in categories],
+        "splits": {s: results[s][1].to_dict() for s in SPLITS},
+        "held_out": held,
+        **extra,
+    }
+    errors = []
+    for split in SPLITS:
+        if split in held and not held[split] and (val_fraction if split == "val" else test_fraction) == 0:
+            continue
+        try:
+            results[split][1].check(max_bad_fraction)
+        except ConversionError as exc:
+            errors.append(str(exc))
+    errors += _overlaps(results)
+    if errors:
+        report["ok"] = False
+        report["errors"] = errors
+        write_json_atomic(out_dir / "report.failed.json", report)
+        raise ConversionError(" | ".join(errors) + f" (full report: {out_dir / 'report.failed.json'})")
+    report["ok"] = True
+    for split in SPLITS:
+        write_json_atomic(out_dir / f"{split}.json", results[split][0])
+    write_json_atomic(out_dir / "report.json", report)
+    (out_dir / "report.failed.json").unlink(missing_ok=True)
+    return report

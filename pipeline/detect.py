@@ -1,4 +1,5 @@
-"""`fssd detect`: run a trained FSSD on image files; JSON detections with class names.
+"""`fssd detect`: run a trained FSSD on image files; JSON detections with class names and the
+dataset's own category ids.
 
 ``fssd detect IMAGES... --model PATH | models:/NAME@ALIAS | models:/NAME/VERSION``
 
@@ -145,9 +146,9 @@ def _entry(path: str, image: Any, det: dict[str, Any]) -> dict[str, Any]:
         "width": int(image.shape[1]),
         "height": int(image.shape[0]),
         "detections": [
-            {"label": int(k), "name": str(n), "score": round(float(s), 5),
+            {"label": int(k), "category_id": int(c), "name": str(n), "score": round(float(s), 5),
              "box": [round(float(v), 2) for v in b]}
-            for b, s, k, n in zip(det["boxes"], det["scores"], det["labels"], det["names"])
+            for b, s, k, c, n in zip(det["boxes"], det["scores"], det["labels"], det["category_ids"], det["names"])
         ],
     }
 

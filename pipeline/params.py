@@ -18,6 +18,8 @@ import yaml
 from fssd.config import IGNORED_MODES as DIFFICULT_MODES, ConfigError, DetectorConfig, PostprocessConfig, from_dict
 from fssd.models.presets import PRESETS, preset_config
 
+from .convert import Layout
+
 __all__ = [
     "ParamsError",
     "Params",
@@ -77,19 +79,6 @@ class SyntheticParams:
 
 
 @dataclass(frozen=True)
-class LayoutParams:
-    """Where a custom dataset's parts are, relative to its folder in data/raw (null: found;
-    see pipeline.convert.convert_custom)."""
-
-    root: str = ""
-    annotations: str | None = None
-    images: str | None = None
-    train: str | None = None
-    val: str | None = None
-    test: str | None = None
-
-
-@dataclass(frozen=True)
 class DataParams:
     dataset: str = "synthetic"
     root: str = "data"
@@ -100,11 +89,16 @@ class DataParams:
     val_fraction: float = 0.05
     val_max_images: int | None = 2000
     format: str = "voc"
-    layout: LayoutParams = field(default_factory=LayoutParams)
+    layout: Layout = field(default_factory=Layout)
     classes: tuple[str, ...] = ()
     test_fraction: float = 0.1
 
     def __post_init__(self) -> None:
+        known = ("synthetic", "voc2007", "voc2012", "voc0712", "coco2017", "custom")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ParamsError(f"data.val_fraction must be in [0, 1) (0: no validation split), got {self.val_fraction!r}")
+        if self.val_max_images is not None and self.val_max_images < 1:
+            raise ParamsError(f"data.val_max_images must be >= 1 or null, got {self.val_max_images!r}")
         if self.format not in ("voc", "coco"):
             raise ParamsError(f"data.format must be 'voc' (Pascal VOC XML) or 'coco' (COCO JSON), got {self.format!r}")
         if not 0.0 <= self.test_fraction < 1.0 or self.val_fraction + self.test_fraction >= 1.0:
@@ -112,11 +106,6 @@ class DataParams:
                               f"got {self.test_fraction!r}")
         if len(set(self.classes)) != len(self.classes) or any(not str(c).strip() for c in self.classes):
             raise ParamsError(f"data.classes must be distinct, non-empty names, got {list(self.classes)!r}")
-        known = ("synthetic", "voc2007", "voc2012", "voc0712", "coco2017", "custom")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ParamsError(f"data.val_fraction must be in [0, 1) (0: no validation split), got {self.val_fraction!r}")
-        if self.val_max_images is not None and self.val_max_images < 1:
-            raise ParamsError(f"data.val_max_images must be >= 1 or null, got {self.val_max_images!r}")
         if self.dataset not in known:
             raise ParamsError(f"data.dataset must be one of {', '.join(known)}, got {self.dataset!r}")
         if self.dataset == "custom" and not self.sources:
@@ -137,6 +126,7 @@ class ModelParams:
     pretrained_sha256: str | None = None
     init: str | None = None
     init_sha256: str | None = None
+    init_classes: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:

@@ -52,12 +52,15 @@ class TrainJob:
     val_json: str
     class_names: list[str]
     category_ids: list[int]
+    source_ids: list[int]
     detector: dict[str, Any]
     train: dict[str, Any]
     seed: int = 0
     epochs: int = 1
     pretrained: str | None = None
     pretrained_sha256: str | None = None
+    model_init: str | None = None
+    init_classes: dict[str, str] = field(default_factory=dict)
     init_checkpoint: str | None = None
     s3_endpoint_url: str | None = None
     progress: bool = False
@@ -73,13 +76,22 @@ class TrainJob:
 
 
 def read_categories(split_json: Path) -> tuple[list[str], list[int]]:
-    """Class names and category ids of a COCO-format split, in id order."""
+    """Class names and category ids (the labels 1..K) of a COCO-format split, in id order."""
+    cats = _categories(split_json)
+    return [c["name"] for c in cats], [c["id"] for c in cats]
+
+
+def read_source_ids(split_json: Path) -> list[int]:
+    """The dataset's own category ids (``source_id``; the label where the data has none), in label order."""
+    return [int(c.get("source_id", c["id"])) for c in _categories(split_json)]
+
+
+def _categories(split_json: Path) -> list[dict[str, Any]]:
     try:
-        data = json.loads(split_json.read_text())
+        data = json.loads(Path(split_json).read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{split_json} does not exist; run the convert stage first (dvc repro convert)") from None
-    cats = sorted(data["categories"], key=lambda c: c["id"])
-    return [c["name"] for c in cats], [c["id"] for c in cats]
+    return sorted(data["categories"], key=lambda c: c["id"])
 
 
 def count_images(split_json: Path) -> int:
@@ -112,6 +124,19 @@ def resolve_pretrained(model: Any) -> tuple[str | None, str | None]:
     return str(path), actual
 
 
+def resolve_model_init(params: Params) -> str | None:
+    """``model.init`` as a local checkpoint file (a ``models:/`` or ``s3://`` source is fetched into
+    ``<data.root>/init/``, which every node of a cluster sees, like the data)."""
+    from .init_weights import resolve_init
+
+    m = params.model
+    if not m.init:
+        return None
+    path = resolve_init(m.init, tracking_uri=params.tracking_uri, s3_endpoint_url=params.data.s3.endpoint_url,
+                        workdir=Path(params.data.root).resolve() / "init", sha256=m.init_sha256)
+    return str(Path(path).resolve())
+
+
 def make_job(params: Params, *, epochs: int | None = None, init_checkpoint: str | None = None,
              run_name: str | None = None, extra_code: tuple[str, ...] = ()) -> TrainJob:
     """Resolve params into a :class:`TrainJob`; the run name is derived from what changes results
@@ -133,6 +158,7 @@ def make_job(params: Params, *, epochs: int | None = None, init_checkpoint: str 
     train = dataclasses.asdict(params.train)
     epochs = epochs or params.train.epochs
     pretrained, pretrained_sha256 = resolve_pretrained(params.model)
+    model_init = resolve_model_init(params)
     if init_checkpoint is not None:
         init_checkpoint = str(Path(init_checkpoint).resolve())
     # The name changes whenever something that changes the result changes, so re-running the
@@ -146,6 +172,7 @@ def make_job(params: Params, *, epochs: int | None = None, init_checkpoint: str 
         "code": code_digest(extra_code),
         "pretrained": pretrained_sha256,
         "init": file_digest(init_checkpoint) if init_checkpoint else None,
+        "model_init": [file_digest(model_init), params.model.init_classes] if model_init else None,
     }
     name = run_name or params.train.run_name or f"fssd-{params.data.dataset}-{params.model.preset}-{digest(identity)}"
     return TrainJob(
@@ -155,12 +182,15 @@ def make_job(params: Params, *, epochs: int | None = None, init_checkpoint: str 
         val_json=str(val_json),
         class_names=names,
         category_ids=cat_ids,
+        source_ids=read_source_ids(train_json),
         detector=cfg.to_dict(),
         train=train,
         seed=params.seed,
         epochs=epochs,
         pretrained=pretrained,
         pretrained_sha256=pretrained_sha256,
+        model_init=model_init,
+        init_classes=dict(params.model.init_classes),
         init_checkpoint=init_checkpoint,
         s3_endpoint_url=params.data.s3.endpoint_url,
         progress=sys.stderr.isatty(),
@@ -276,7 +306,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     val_loader = DataLoader(val_ds, batch_sampler=val_sampler, **{**loader_kw, "persistent_workers": False})
 
     model = build_detector(cfg)
-    if job.pretrained and not job.init_checkpoint:
+    if job.model_init and not job.init_checkpoint:  # fine-tuning a trained detector (model.init)
+        from fssd.weights import transfer_detector
+
+        source = load_checkpoint(job.model_init)
+        report = transfer_detector(source["model"], source["class_names"], model, job.class_names, job.init_classes)
+        if rank == 0:
+            log.info(f"[fssd] initialised from {job.model_init}: {report.describe()}")
+    elif job.pretrained and not job.init_checkpoint:
         _load_pretrained(model, job.pretrained, job.pretrained_sha256, job.s3_endpoint_url)
     if tp.sync_bn and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -407,7 +444,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 }
                 weights = ema.module if ema is not None else model
                 save_checkpoint(Path(tmp) / CHECKPOINT_FILE, weights, cfg, job.class_names,
-                                training=training, meta={"run_name": job.run_name, "metrics": metrics})
+                                training=training, meta={"run_name": job.run_name, "metrics": metrics,
+                                                         "category_ids": job.source_ids})
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_epoch{epoch + 1:04d}")
 

@@ -259,8 +259,9 @@ def search_name(params: Params) -> str:
     identity = {
         "seed": d["seed"],
         "data": {"dataset": d["data"]["dataset"], "splits": data},
-        "model": {k: v for k, v in d["model"].items() if k not in ("pretrained", "pretrained_sha256")},
+        "model": {k: v for k, v in d["model"].items() if k not in ("pretrained", "pretrained_sha256", "init", "init_sha256")},
         "pretrained": resolve_pretrained(params.model)[1],
+        "model_init": file_digest(params.model.init) if params.model.init else None,
         "priors": d["priors"],
         "train": train_settings_identity(d["train"], ("epochs", "val_every", "num_workers", "select")),
         "tune": {k: v for k, v in d["tune"].items() if k not in ("storage_path", "cpus_per_worker")},
@@ -697,6 +698,11 @@ def run_search(
     params, entries = validate_space(params_path, overrides)
     _search_alg(params)  # fails early when optuna is missing
     require_validation_split(params)
+    if params.model.init:  # fetched once here (models:/, s3://); every trial starts from the local file
+        from .train import resolve_model_init
+
+        overrides = {**dict(overrides or {}), "model.init": resolve_model_init(params), "model.init_sha256": None}
+        params = load_params(params_path, overrides)
     tp = params.tune
     keys = [e.key for e in entries]
     name = search_name(params)

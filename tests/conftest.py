@@ -249,3 +249,84 @@ def same_detections():
     """``same_detections(actual, expected, iou=0.99, score_atol=1e-4, box_atol=None, ...)``: the two
     detection lists are the same set, order ignored (see :func:`assert_same_detections`)."""
     return assert_same_detections
+
+
+# --------------------------------------------------------------------------------------------
+# Your own data: small exports in the layouts of annotation tools, built by the tests
+
+
+def _scene(w: int, h: int, boxes: list[tuple[int, int, int, int, int]], seed: int):
+    """An image with a filled rectangle per box (x1, y1, x2, y2, colour index)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    img = rng.integers(90, 150, (h, w, 3), dtype=np.uint8)
+    palette = [(230, 40, 40), (40, 200, 60), (40, 80, 230), (230, 200, 40)]
+    for x1, y1, x2, y2, c in boxes:
+        img[y1:y2, x1:x2] = palette[c % len(palette)]
+    return img
+
+
+def _boxes(k: int, w: int, h: int, ncls: int) -> list[tuple[int, int, int, int, int]]:
+    out = []
+    for j in range(1 + k % 2):
+        c = (k + j) % ncls
+        x1, y1 = 4 + 30 * j, 4 + (k * 7) % max(1, h - 40)
+        out.append((x1, y1, min(w - 1, x1 + 24 + 3 * c), min(h - 1, y1 + 20 + 2 * c), c))
+    return out
+
+
+def write_voc_export(root: Path, classes=("apple", "pear", "plum"), n: int = 24, size=(96, 80)) -> Path:
+    """A CVAT-like Pascal VOC export without image-set files: Annotations/ and JPEGImages/, JPEG
+    and PNG images, names with spaces, a sub-folder, one object marked difficult."""
+    import cv2
+
+    w, h = size
+    for k in range(n):
+        sub = "batch 2/" if k % 3 == 0 else ""
+        stem = f"{sub}img {k:03d}"
+        ext = ".png" if k % 4 == 1 else ".jpg"
+        boxes = _boxes(k, w, h, len(classes))
+        (root / "JPEGImages" / stem).parent.mkdir(parents=True, exist_ok=True)
+        (root / "Annotations" / stem).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(root / "JPEGImages" / f"{stem}{ext}"), _scene(w, h, boxes, k)[:, :, ::-1])
+        objs = "".join(
+            f"<object><name>{classes[c]}</name><difficult>{int(k == 5 and i == 0)}</difficult><bndbox><xmin>{x1 + 1}</xmin>"
+            f"<ymin>{y1 + 1}</ymin><xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>"
+            for i, (x1, y1, x2, y2, c) in enumerate(boxes))
+        (root / "Annotations" / f"{stem}.xml").write_text(
+            f"<annotation><folder></folder><filename>{stem}{ext}</filename><size><width>{w}</width>"
+            f"<height>{h}</height><depth></depth></size>{objs}</annotation>")
+    return root
+
+
+def write_coco_export(root: Path, categories=((3, "bolt"), (17, "nut"), (90, "washer")), n: int = 24,
+                      size=(96, 80)) -> Path:
+    """A Label Studio-like COCO export: result.json at the root, images/ beside it, the
+    dataset's own category ids (3, 17, 90) and an unused category."""
+    import json as _json
+
+    import cv2
+
+    w, h = size
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    images, anns = [], []
+    for k in range(n):
+        name = f"images/photo {k:02d}.jpg"
+        boxes = _boxes(k, w, h, len(categories))
+        cv2.imwrite(str(root / name), _scene(w, h, boxes, k)[:, :, ::-1])
+        images.append({"id": k, "file_name": name, "width": w, "height": h})
+        for x1, y1, x2, y2, c in boxes:
+            anns.append({"id": len(anns), "image_id": k, "category_id": categories[c][0],
+                         "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+    cats = [{"id": i, "name": nm} for i, nm in categories] + [{"id": 0, "name": "unused"}]
+    (root / "result.json").write_text(_json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    return root
+
+
+@pytest.fixture(scope="session")
+def exports():
+    """``exports.voc(root, ...)`` / ``exports.coco(root, ...)`` write small tool-style exports."""
+    import types
+
+    return types.SimpleNamespace(voc=write_voc_export, coco=write_coco_export)

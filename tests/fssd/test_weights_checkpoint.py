@@ -140,3 +140,20 @@ def test_transfer_detector_rejects_another_architecture():
         transfer_detector(source.state_dict(), ["a", "b", "c"], _micro(4, seed=0), ["b", "c"])
     with pytest.raises(ValueError, match="'conf_head.0.weight'"):  # source classes do not fit its heads
         transfer_detector(source.state_dict(), ["a", "b"], _micro(4, seed=0), ["b", "c", "d"])
+
+
+def test_transfer_detector_class_map_copies_differently_spelled_classes():
+    from fssd.weights import VOC_FROM_COCO, transfer_detector
+
+    source = _micro(4, seed=1)  # a, b, c
+    target = _micro(4, seed=2)  # b, c, d with d <- a
+    report = transfer_detector(source.state_dict(), ["a", "b", "c"], target, ["b", "c", "d"], class_map={"d": "a"})
+    assert (report.copied, report.new, report.dropped) == (("b", "c", "d"), (), ())
+    key = "conf_head.0.weight"
+    anchors = target.prior_config.anchors_per_location[0]
+    s = source.state_dict()[key].reshape(anchors, 4, -1)
+    t = target.state_dict()[key].reshape(anchors, 4, -1)
+    assert torch.equal(t[:, 3], s[:, 1])  # d's rows are a's
+    with pytest.raises(ValueError, match="class_map names 'x'"):
+        transfer_detector(source.state_dict(), ["a", "b", "c"], _micro(4, seed=3), ["b", "c", "d"], class_map={"x": "a"})
+    assert len(VOC_FROM_COCO) == 6 and VOC_FROM_COCO["tvmonitor"] == "tv"

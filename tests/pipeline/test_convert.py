@@ -442,3 +442,91 @@ def test_read_image_size(tmp_path):
             read_image_size(tmp_path / name)
     with pytest.raises(FileNotFoundError):
         read_image_size(tmp_path / "missing.jpg")
+
+
+# --------------------------------------------------------------------------------------------
+# Your own data
+
+
+def test_custom_voc_export_with_own_classes_and_no_image_sets(tmp_path, exports):
+    from pipeline.convert import Layout, convert_custom
+
+    exports.voc(tmp_path / "raw" / "export")
+    r = convert_custom("voc", tmp_path / "raw", tmp_path / "processed", tmp_path, 0.0,
+                       val_fraction=0.2, test_fraction=0.2)
+    out = tmp_path / "processed"
+    assert r["classes"] == ["apple", "pear", "plum"] and r["classes_found"] == ["apple", "pear", "plum"]
+    assert r["export_root"] == "raw/export"
+    _assert_disjoint(out)
+    counts = {s: len(_split_files(out, s)) for s in ("train", "val", "test")}
+    assert counts == {"train": 15, "val": 4, "test": 5}
+    assert sorted(r["held_out"]["test"]) == sorted(_split_files(out, "test"))
+    names = [f for s in ("train", "val", "test") for f in _split_files(out, s)]
+    assert "raw/export/JPEGImages/batch 2/img 000.jpg" in names and "raw/export/JPEGImages/img 001.png" in names
+    train = json.loads((out / "train.json").read_text())
+    assert [c["name"] for c in train["categories"]] == ["apple", "pear", "plum"]
+    # the same again, byte for byte (deterministic hold-out)
+    first = {s: (out / f"{s}.json").read_bytes() for s in ("train", "val", "test")}
+    convert_custom("voc", tmp_path / "raw", out, tmp_path, 0.0, val_fraction=0.2, test_fraction=0.2)
+    assert {s: (out / f"{s}.json").read_bytes() for s in ("train", "val", "test")} == first
+    # given classes: their order is the label order; other names are counted and dropped
+    r2 = convert_custom("voc", tmp_path / "raw", tmp_path / "p2", tmp_path, 0.0, classes=("plum", "apple"),
+                        layout=Layout(root="export"))
+    assert r2["classes"] == ["plum", "apple"] and r2["splits"]["train"]["anomalies"]["unknown_class"]["count"] > 0
+
+
+def test_custom_voc_errors_name_the_key_before_writing(tmp_path, exports):
+    from pipeline.convert import ConversionError, Layout, convert_custom
+
+    out = tmp_path / "processed"
+    with pytest.raises(ConversionError, match="no VOC annotations"):
+        (tmp_path / "raw" / "empty").mkdir(parents=True)
+        convert_custom("voc", tmp_path / "raw", out, tmp_path, 0.0)
+    exports.voc(tmp_path / "raw" / "export")
+    with pytest.raises(ConversionError, match=r"data.classes \['Apple'\] match no object"):
+        convert_custom("voc", tmp_path / "raw", out, tmp_path, 0.0, classes=("Apple",), layout=Layout(root="export"))
+    with pytest.raises(ConversionError, match="data.layout.images: .* does not exist"):
+        convert_custom("voc", tmp_path / "raw", out, tmp_path, 0.0, layout=Layout(root="export", images="pics"))
+    for f in (tmp_path / "raw" / "export" / "JPEGImages").glob("img 00*"):
+        f.unlink()  # images referenced but missing
+    with pytest.raises(ConversionError, match="image_missing"):
+        convert_custom("voc", tmp_path / "raw", out, tmp_path, 0.0, layout=Layout(root="export"))
+    assert not (out / "train.json").exists()
+
+
+def test_custom_coco_export_keeps_its_category_ids(tmp_path, exports):
+    from pipeline.convert import convert_custom
+
+    exports.coco(tmp_path / "raw" / "ls")
+    r = convert_custom("coco", tmp_path / "raw", tmp_path / "processed", tmp_path, 0.0,
+                       val_fraction=0.2, test_fraction=0.2)
+    out = tmp_path / "processed"
+    _assert_disjoint(out)
+    assert r["classes"] == ["bolt", "nut", "washer"] and r["category_ids"] == [3, 17, 90]
+    assert r["categories_without_annotations"] == ["0: unused"]
+    test = json.loads((out / "test.json").read_text())
+    assert test["categories"] == [{"id": 1, "name": "bolt", "supercategory": "", "source_id": 3},
+                                  {"id": 2, "name": "nut", "supercategory": "", "source_id": 17},
+                                  {"id": 3, "name": "washer", "supercategory": "", "source_id": 90}]
+    assert {a["category_id"] for s in ("train", "val", "test")
+            for a in json.loads((out / f"{s}.json").read_text())["annotations"]} == {1, 2, 3}
+    assert test["images"][0]["file_name"].startswith("raw/ls/images/photo ")
+
+
+def test_custom_coco_per_split_files_like_roboflow(tmp_path, exports):
+    """Roboflow: train/ valid/ test/ folders, each with _annotations.coco.json and its images."""
+    from pipeline.convert import convert_custom
+
+    base = tmp_path / "raw" / "rf"
+    for split in ("train", "valid", "test"):
+        exports.coco(base / split, n=6)
+        data = json.loads((base / split / "result.json").read_text())
+        for im in data["images"]:
+            im["file_name"] = im["file_name"].split("/")[-1]
+            (base / split / "images" / im["file_name"]).rename(base / split / im["file_name"])
+        (base / split / "_annotations.coco.json").write_text(json.dumps(data))
+        (base / split / "result.json").unlink()
+    r = convert_custom("coco", tmp_path / "raw", tmp_path / "processed", tmp_path, 0.0)
+    assert r["held_out"] == {}
+    assert [len(_split_files(tmp_path / "processed", s)) for s in ("train", "val", "test")] == [6, 6, 6]
+    assert _split_files(tmp_path / "processed", "val")[0].startswith("raw/rf/valid/")

@@ -187,3 +187,29 @@ def test_pretrained_weights_from_s3_are_verified_and_loaded(moto_endpoint, fake_
     assert torch.all(layers[31].weight == 0.25) and torch.all(layers[33].bias == 0.0625)  # fc6, fc7
     with pytest.raises(DownloadError, match="checksum mismatch"):
         _load_pretrained(build_fssd("fssd300_vgg16", 3), "s3://weights/imagenet/vgg16.pth", "0" * 64, moto_endpoint)
+
+
+def test_model_init_is_resolved_and_named_by_its_bytes(tiny_data, tmp_path, make_params):
+    """model.init (a trained detector to fine-tune) travels as an absolute local file; its bytes
+    and the class map are part of the run's identity."""
+    from fssd import build_fssd
+    from fssd.checkpoint import save_checkpoint
+    from pipeline.train import make_job
+
+    ckpt = tmp_path / "source.pt"
+    model = build_fssd("fssd_lite", 4, input_size=96, fusion_channels=16)
+    save_checkpoint(ckpt, model, model_config(model), ["a", "b", "c"])
+    p = load_params(make_params(tmp_path / "params.yaml", tiny_data, tmp_path, **{"model.init": str(ckpt)}))
+    job = make_job(p)
+    assert job.model_init == str(ckpt.resolve()) and job.init_classes == {}
+    mapped = load_params(make_params(tmp_path / "p2.yaml", tiny_data, tmp_path, **{
+        "model.init": str(ckpt), "model.init_classes": {"circle": "a"}}))
+    assert make_job(mapped).run_name != job.run_name
+    save_checkpoint(ckpt, build_fssd("fssd_lite", 4, input_size=96, fusion_channels=16), model_config(model), ["a", "b", "c"])
+    assert make_job(p).run_name != job.run_name
+
+
+def model_config(model):
+    from fssd.config import DetectorConfig
+
+    return DetectorConfig(model=model.config, priors=model.prior_config)

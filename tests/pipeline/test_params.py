@@ -45,6 +45,10 @@ def test_set_overrides_are_typed_and_checked():
         ("train.difficult=skip", "train.difficult must be one of target, ignore, drop"),
         ("model.pretrained=s3://b/vgg.pth", "model.pretrained is remote .* needs model.pretrained_sha256"),
         ("model.pretrained_sha256=abc", "model.pretrained_sha256 must be 64 hex digits"),
+        ("data.format=yolo", "data.format must be 'voc'"),
+        ("data.test_fraction=0.96", "data.test_fraction must be in"),
+        ("data.classes=[a, a]", "data.classes must be distinct"),
+        ("data.layout.anotations=x", "unknown key data.layout.anotations"),
         ("model.pretrained=https://x/vgg.pth", "model.pretrained must be a local path or s3://"),
     ],
 )
