@@ -54,7 +54,8 @@ def main() -> int:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     readme = (f"# Benchmarks\n\nRun them all with `make bench` (`python bench/run_all.py`), which rewrites this file.\n"
               f"Each script measures a peer in the same run and prints ratios.\n\n"
-              f"Latest run: {stamp} on {machine()}.\n\n" + "\n".join(sections))
+              f"Latest run: {stamp} on {machine()}.\n\n" + "\n".join(sections)
+              + "\n" + (HERE / "GPU.md").read_text())  # GPU figures: scripts/gpu_check.sh, kept in GPU.md
     (HERE / "README.md").write_text(readme)
     return 1 if failed else 0
 
