@@ -5,13 +5,46 @@
   artifact ``checkpoint`` is a slim copy of ``models/fssd.pt`` (weights, config, class names; no
   optimizer state), with the ``fssd`` and ``pipeline`` packages as ``code_paths`` (the model loads
   where they are not installed) and explicit pinned ``pip_requirements`` (no inference, no network).
-* It is registered as a new version of ``register.model_name``, tagged with its test metrics
-  (``test_map_voc07`` ...), the data hash and the git commit.
-* The alias ``register.alias`` (``champion``) moves to the new version only when its test
-  ``map_voc07`` is strictly higher than the current champion's (read from that version's
-  ``test_map_voc07`` tag); a tie keeps the old champion. A champion without that tag (set by
-  hand) is left alone.
+* It is registered as a new version of ``register.model_name``, created together with its tags
+  (one ``create_model_version`` call: test metrics, ``test_map_voc07``, the data hash, the git
+  commit, ``fssd.run_id``), so no one ever sees the version without its test mAP. A version
+  without a finite test mAP gets ``test_map_voc07 = nan``.
+* The alias ``register.alias`` (``champion``) is then settled by :func:`claim_alias` (below).
 * ``metrics/register.json`` says what happened.
+
+The champion
+------------
+Rule: the alias points at the registered version with the highest finite ``test_map_voc07`` tag
+(:func:`best_version`). A version without a finite test mAP (missing, NaN, inf) never becomes
+champion, and a champion without one (a pipeline version of an older release, registered without
+a mAP) is replaced by any version with one. Only a strictly better mAP takes the alias: a tie
+keeps the current champion (and where the current champion is not among the best, the earliest
+best version wins, so that every process computes the same answer). A champion chosen by hand
+that has neither a ``test_map_voc07`` nor an ``fssd.run_id`` tag is left alone. To keep a version
+from ever being champion, set its ``test_map_voc07`` tag to ``nan`` (or delete the version).
+
+Race freedom: MLflow has no compare-and-set for aliases, so two registrations at once could each
+read the old champion, decide, and write: the slower write wins even when it is the worse model.
+:func:`claim_alias` therefore never trusts a decision it has written: after every write it reads
+the alias and all versions again, decides again, and stops only on a read that needs no write.
+Why that ends on the best version, once every registration has returned: take the last write W to
+the alias, by process X. X read again after W and found the alias (still W's value: no write came
+later) best among all versions it saw, and it saw every version whose creation was complete before
+that read. Any version u is created, with its tag, before its own process P first reads. If P's
+last read came after W, P saw W's value best with u in view; if it came before W, u already
+existed when X made its final read, so X saw W's value best with u in view. Either way W's value
+is at least as good as u. Each process writes at most once per read and a write is only needed
+while some process read a stale view, so the loop ends after a few rounds (bounded; an error if
+not). A write that fails because another process created the alias at the same instant (the SQL
+stores answer the second insert with a unique-key error) is followed by a read like any other.
+
+What this needs of the store (a remote ``mlflow server`` included): one linearizable database
+behind every server worker (SQLite, PostgreSQL, MySQL: a write is visible to every read that starts
+after it returns; no read replicas or caches that lag), tags written in the same call that
+creates the version (the REST API and the SQL stores do), and every process that sets the alias
+going through :func:`claim_alias`: a person moving the alias in the UI during a registration, or
+an older release of this stage, is not covered. No lock is taken, so a crashed registration leaves
+nothing to clean up.
 
 The pyfunc model
 ----------------
@@ -32,9 +65,11 @@ import contextlib
 import json
 import math
 import os
+import random
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -45,6 +80,9 @@ __all__ = [
     "OUTPUT_COLUMNS",
     "run_register",
     "decide_alias",
+    "claim_alias",
+    "best_version",
+    "version_standing",
     "pip_requirements",
     "model_signature",
     "add_cli",
@@ -53,6 +91,9 @@ __all__ = [
 OUTPUT_COLUMNS = ("image_index", "label", "name", "score", "x1", "y1", "x2", "y2")
 CHECKPOINT_ARTIFACT = "checkpoint"
 MAP_TAG = "test_map_voc07"
+RUN_TAG = "fssd.run_id"  # every version this stage registers carries it
+# errors of a write to the alias after which claim_alias reads and decides again
+_RETRY_CODES = frozenset({"BAD_REQUEST", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS"})
 _REPO_PACKAGES = Path(__file__).resolve().parents[1]
 
 
@@ -238,20 +279,120 @@ def _float_or_none(v: Any) -> float | None:
     return f if math.isfinite(f) else None
 
 
-def decide_alias(new_map: float | None, champion_version: str | None, champion_map: float | None) -> tuple[bool, str]:
-    """(move the alias?, why): only a strictly better test mAP takes the alias; a tie keeps it."""
+def decide_alias(new_map: float | None, champion_version: str | None, champion_map: float | None,
+                 *, champion_pinned: bool = False) -> tuple[bool, str]:
+    """(does a new version take the alias from the champion?, why), the rule for one pair.
+
+    ``new_map``/``champion_map``: finite test mAPs or None (missing, NaN, inf). A version without
+    one never takes the alias; a champion without one is replaced by any version with one, unless
+    ``champion_pinned`` (chosen by hand: it has no mAP tag and was not registered by this stage).
+    Only a strictly better mAP takes the alias; a tie keeps the champion.
+    """
+    new_map, champion_map = _float_or_none(new_map), _float_or_none(champion_map)
+    if new_map is None:
+        return False, "this version has no finite test map_voc07, so it never becomes champion"
     if champion_version is None:
         return True, "no current champion"
-    if new_map is None:
-        return False, "this version has no test map_voc07; the champion stays"
     if champion_map is None:
-        return False, (f"the champion (version {champion_version}) has no {MAP_TAG} tag to compare with "
-                       "(set by hand?); it stays")
+        if champion_pinned:
+            return False, (f"the champion (version {champion_version}) has no {MAP_TAG} tag to compare with "
+                           "(set by hand?); it stays")
+        return True, (f"test map_voc07 {new_map:.6g} replaces a champion (version {champion_version}) "
+                      "without a finite one")
     if new_map > champion_map:
         return True, f"test map_voc07 {new_map:.6g} beats the champion's {champion_map:.6g}"
     if new_map == champion_map:
         return False, f"test map_voc07 {new_map:.6g} ties the champion's; the champion stays"
     return False, f"test map_voc07 {new_map:.6g} is below the champion's {champion_map:.6g}"
+
+
+def version_standing(tags: Mapping[str, str] | None) -> tuple[bool, float | None]:
+    """(is this version judged by its test mAP?, that finite mAP or None), from its tags.
+
+    Judged: it has a ``test_map_voc07`` tag, or it was registered by this stage (``fssd.run_id``).
+    A version that is not judged and holds the alias was put there by hand (pinned)."""
+    tags = tags or {}
+    judged = MAP_TAG in tags or RUN_TAG in tags
+    return judged, _float_or_none(tags.get(MAP_TAG))
+
+
+def best_version(scores: Mapping[str, float | None], current: str | None = None) -> str | None:
+    """The version the alias should point at: the highest finite score; on a tie the ``current``
+    champion if it is among the best, else the earliest (lowest version number). None when no
+    version has a finite score. ``scores``: version -> test mAP (None/NaN: never champion)."""
+    finite = {str(v): f for v, m in scores.items() if (f := _float_or_none(m)) is not None}
+    if not finite:
+        return None
+    top = max(finite.values())
+    if current is not None and finite.get(str(current)) == top:
+        return str(current)
+    return min((v for v, m in finite.items() if m == top), key=int)
+
+
+def _alias_version(client: Any, name: str, alias: str) -> str | None:
+    aliases = client.get_registered_model(name).aliases or {}
+    v = aliases.get(alias)
+    return None if v is None else str(v)
+
+
+def _all_version_tags(client: Any, name: str) -> dict[str, dict[str, str]]:
+    """version -> tags of every version of ``name`` (all pages)."""
+    quote = '"' if "'" in name else "'"
+    out: dict[str, dict[str, str]] = {}
+    token = None
+    while True:
+        page = client.search_model_versions(f"name = {quote}{name}{quote}", page_token=token)
+        for mv in page:
+            out[str(mv.version)] = dict(mv.tags or {})
+        token = getattr(page, "token", None)
+        if not token:
+            return out
+
+
+def claim_alias(client: Any, name: str, alias: str, version: str | int | None = None, *,
+                max_rounds: int = 20) -> dict[str, Any]:
+    """Settle ``alias`` of registered model ``name`` on its best version; race-free.
+
+    Reads the alias and every version's ``test_map_voc07`` tag, points the alias at
+    :func:`best_version` when it is not there already, and after each write reads and decides
+    again, until a read needs no write (the argument is in the module docstring). A champion set
+    by hand (see :func:`version_standing`) is left alone. ``version``: the caller's own version,
+    for the report.
+
+    Returns ``champion_version`` (str or None) and ``champion_map_voc07`` as last read, ``pinned``
+    (the champion was set by hand and left alone), ``writes`` (the versions this call pointed the
+    alias at, in order) and ``rounds``.
+    """
+    from mlflow.exceptions import MlflowException
+
+    writes: list[str] = []
+    failed: Exception | None = None
+    for rounds in range(1, max_rounds + 1):
+        current = _alias_version(client, name, alias)
+        versions = _all_version_tags(client, name)  # read after the alias: it holds every version created before
+        if current is not None and current not in versions:
+            current = None  # its version was deleted between the two reads
+        pinned = current is not None and not version_standing(versions[current])[0]
+        target = current if pinned else best_version({v: version_standing(t)[1] for v, t in versions.items()}, current)
+        if target == current:
+            return {"version": None if version is None else str(version), "champion_version": current,
+                    "champion_map_voc07": version_standing(versions[current])[1] if current else None,
+                    "pinned": pinned, "writes": writes, "rounds": rounds}
+        try:
+            client.set_registered_model_alias(name, alias, target)
+        except MlflowException as e:
+            # Two first writes of an alias at once: the store's insert of one fails on the unique
+            # key (BAD_REQUEST, "UNIQUE constraint failed"); or the target was deleted meanwhile.
+            # The other writer's value stands or ours did: either way, read and decide again.
+            if e.error_code not in _RETRY_CODES:
+                raise
+            failed = e
+            time.sleep(random.uniform(0.01, 0.1))
+            continue
+        writes.append(target)
+    raise RuntimeError(f"the alias {alias!r} of registered model {name!r} did not settle in {max_rounds} rounds "
+                       f"(this process pointed it at versions {writes}); are other processes moving it without "
+                       "pipeline.register.claim_alias?") from failed
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -291,11 +432,13 @@ def _fluent_tracking_uri(uri: str) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = old_env
 
 
-def _log_model(mlflow: Any, uri: str, run_id: str, name: str, checkpoint: Path, payload: Mapping[str, Any]) -> Any:
-    """``mlflow.pyfunc.log_model`` of the FSSD pyfunc under ``run_id``, registered as ``name``."""
+def _log_model(mlflow: Any, uri: str, run_id: str, name: str, checkpoint: Path, payload: Mapping[str, Any],
+               tags: Mapping[str, str]) -> tuple[Any, Any]:
+    """``mlflow.pyfunc.log_model`` of the FSSD pyfunc under ``run_id``, then a new version of ``name``
+    created with ``tags`` in the same call (never visible without them). Returns (model info, version)."""
     cfg = payload["config"]
     with _fluent_tracking_uri(uri), mlflow.start_run(run_id=run_id):
-        return mlflow.pyfunc.log_model(
+        info = mlflow.pyfunc.log_model(
             name="model",
             python_model=_pyfunc_class()(),
             artifacts={CHECKPOINT_ARTIFACT: str(checkpoint)},
@@ -303,10 +446,11 @@ def _log_model(mlflow: Any, uri: str, run_id: str, name: str, checkpoint: Path, 
             signature=model_signature(cfg.postprocess.score_threshold),
             input_example=_input_example(),
             pip_requirements=pip_requirements(),
-            registered_model_name=name,
             metadata={"class_names": list(payload["class_names"]), "input_size": cfg.model.input_size,
                       "format": "fssd-pyfunc/1"},
         )
+        mv = mlflow.register_model(info.model_uri, name, tags=dict(tags))
+    return info, mv
 
 
 # --------------------------------------------------------------------------------------------
@@ -333,8 +477,6 @@ def run_register(
         run_id: the MLflow run to log the model under (default: ``eval_metrics['mlflow_run_id']``,
             else ``train_metrics``'; a new run tagged ``fssd.stage=register`` when none exists).
     """
-    import time
-
     import mlflow
 
     started = time.time()
@@ -368,9 +510,22 @@ def run_register(
         except MlflowException:
             pass
 
+        # every tag goes in with the version, the test mAP included ("nan" when there is none)
+        tags = {k: repr(v) for k, v in mlflow_metrics(metrics).items()}
+        tags[MAP_TAG] = repr(new_map) if new_map is not None else "nan"
+        tags.update(tracking.provenance_tags(processed))
+        if "git.commit" not in tags:
+            commit = tracking.git_commit(_REPO_PACKAGES)
+            if commit:
+                tags["git.commit"] = commit
+        tags[RUN_TAG] = run_id
+        tags["fssd.checkpoint"] = str(checkpoint)
+        tags["fssd.classes"] = ",".join(payload["class_names"])[:5000]
+        tags = {k: str(v) for k, v in tags.items()}
+
         prior_status = client.get_run(run_id).info.status
         try:
-            info = _log_model(mlflow, uri, run_id, name, slim, payload)
+            info, mv = _log_model(mlflow, uri, run_id, name, slim, payload, tags)
         finally:
             # start_run/end_run marks the (training) run FINISHED, or FAILED on an error here: a
             # failed registration must not relabel the training run, so its status is restored
@@ -380,25 +535,23 @@ def run_register(
         shutil.rmtree(tmp, ignore_errors=True)
     if created:
         client.set_terminated(run_id, status="FINISHED")
-    version = str(info.registered_model_version)
+    version = str(mv.version)
 
-    tags = {k: repr(v) for k, v in mlflow_metrics(metrics).items()}
-    if new_map is not None:
-        tags[MAP_TAG] = repr(new_map)
-    tags.update(tracking.provenance_tags(processed))
-    if "git.commit" not in tags:
-        commit = tracking.git_commit(_REPO_PACKAGES)
-        if commit:
-            tags["git.commit"] = commit
-    tags["fssd.run_id"] = run_id
-    tags["fssd.checkpoint"] = str(checkpoint)
-    tags["fssd.classes"] = ",".join(payload["class_names"])[:5000]
-    for k, v in tags.items():
-        client.set_model_version_tag(name, version, k, str(v))
-
-    move, reason = decide_alias(new_map, champion_version, champion_map)
-    if move:
-        client.set_registered_model_alias(name, alias, version)
+    settled = claim_alias(client, name, alias, version)
+    final, final_map = settled["champion_version"], settled["champion_map_voc07"]
+    move = final == version
+    if new_map is None:
+        reason = decide_alias(None, final, final_map)[1]
+    elif settled["pinned"]:
+        reason = decide_alias(new_map, final, None, champion_pinned=True)[1]
+    elif move:
+        took, reason = decide_alias(new_map, champion_version, champion_map)
+        if not took:  # the alias had been set by hand on a version below the best registered
+            reason = f"test map_voc07 {new_map:.6g} is the best registered"
+    else:
+        reason = decide_alias(new_map, final, final_map)[1]
+        if final != champion_version:  # another registration, at the same time, took it
+            reason += f" (version {final}, the best registered)"
     summary = {
         "model_name": name,
         "version": int(version),
@@ -408,10 +561,11 @@ def run_register(
         "map_voc07": new_map,
         "alias": alias,
         "alias_moved": move,
-        "champion_version": int(version) if move else (int(champion_version) if champion_version else None),
+        "champion_version": int(final) if final is not None else None,
         "previous_champion_version": int(champion_version) if champion_version else None,
         "previous_champion_map_voc07": champion_map,
         "reason": reason,
+        "alias_writes": [int(v) for v in settled["writes"]],
     }
     summary["seconds"] = round(time.time() - started, 1)
     atomic_write_json(Path(out), summary)
@@ -433,7 +587,8 @@ def _cmd_register(args: argparse.Namespace) -> int:
         print(f"fssd register: error: {e}", file=sys.stderr, flush=True)
         return 2
     moved = (f"alias {s['alias']!r} now on version {s['version']}" if s["alias_moved"]
-             else f"alias {s['alias']!r} stays on version {s['champion_version']}")
+             else f"alias {s['alias']!r} on version {s['champion_version']}" if s["champion_version"] is not None
+             else f"no version holds alias {s['alias']!r}")
     print(f"[fssd] registered {s['model_name']} version {s['version']} (test mAP {s['map_voc07']}); {moved}: "
           f"{s['reason']}; wrote {args.out}", flush=True)
     return 0

@@ -93,6 +93,7 @@ def test_champion_moves_only_on_a_strictly_better_map(store):
     assert float(tags["test_map_voc07"]) == 0.5 and float(tags["test_coco_AP"]) == 0.3
     assert float(tags["test_ap_circle"]) == 0.5
     assert tags["data.sha256"] and tags["git.commit"] and tags["fssd.run_id"] == store["train_run"]
+    assert c.get_model_version(NAME, "1").run_id == store["train_run"]  # lineage, as log_model's registration had
     assert float(c.get_model_version(NAME, "4").tags["test_map_voc07"]) == 0.7
     # the model is logged under the training run, as a LoggedModel with the checkpoint artifact
     logged = c.get_logged_model(better["model_id"])
@@ -196,5 +197,205 @@ def test_decide_alias_rules():
     assert register.decide_alias(0.5, "2", 0.5)[0] is False
     assert register.decide_alias(0.4, "2", 0.5)[0] is False
     assert register.decide_alias(None, "2", 0.5)[0] is False
-    moved, why = register.decide_alias(0.9, "2", None)  # a champion set by hand, without a mAP tag
+    for no_map in (None, float("nan"), float("inf"), "nan"):  # never champion, not even the first
+        moved, why = register.decide_alias(no_map, None, None)
+        assert not moved and "never becomes champion" in why
+    moved, why = register.decide_alias(0.9, "2", None, champion_pinned=True)  # set by hand, without a mAP tag
     assert not moved and "no test_map_voc07 tag" in why
+    assert register.decide_alias(0.1, "2", float("nan"))[0] is True  # a champion without a finite mAP gives way
+
+
+def test_best_version_and_standing():
+    best = register.best_version
+    assert best({}) is None and best({"1": None, "2": float("nan"), "3": float("inf")}) is None
+    assert best({"1": 0.5, "2": 0.7, "3": None}) == "2"
+    assert best({"1": 0.5, "2": 0.7, "3": 0.7}) == "2"  # a tie: the earliest best ...
+    assert best({"1": 0.5, "2": 0.7, "3": 0.7}, current="3") == "3"  # ... unless the champion is among them
+    assert best({"1": 0.5, "2": 0.7}, current="1") == "2" and best({"9": 0.1, "10": 0.1}) == "9"
+    stand = register.version_standing
+    assert stand({"test_map_voc07": "0.5"}) == (True, 0.5) and stand({"test_map_voc07": "nan"}) == (True, None)
+    assert stand({"fssd.run_id": "abc"}) == (True, None)  # registered by the stage without a mAP (older release)
+    assert stand({"note": "by hand"}) == (False, None) and stand(None) == (False, None)
+
+
+def _version(client, name: str, run_id: str, map_tag: str | None, **tags: str) -> str:
+    """A cheap model version (no model files: the alias decision reads tags only)."""
+    if map_tag is not None:
+        tags["test_map_voc07"] = map_tag
+    return str(client.create_model_version(name, f"runs:/{run_id}/model", run_id=run_id, tags=tags).version)
+
+
+def _cheap_run(client) -> str:
+    exp = client.get_experiment_by_name("cheap-versions")
+    return client.create_run(exp.experiment_id if exp else client.create_experiment("cheap-versions")).info.run_id
+
+
+def test_no_finite_map_never_becomes_champion(store):
+    """Empty registry + a version without a finite mAP: no alias; a finite one takes it later."""
+    from mlflow.exceptions import MlflowException
+
+    c = tracking.client(store["uri"])
+    c.create_registered_model("m")
+    run = _cheap_run(c)
+    for i, no_map in enumerate(("nan", "None", None)):
+        v = _version(c, "m", run, no_map, **{"fssd.run_id": "r"})
+        got = register.claim_alias(c, "m", "champion", v)
+        assert got["champion_version"] is None and got["writes"] == [], (i, got)
+        with pytest.raises(MlflowException):
+            c.get_model_version_by_alias("m", "champion")
+    v4 = _version(c, "m", run, "0.25")
+    got = register.claim_alias(c, "m", "champion", v4)
+    assert (got["champion_version"], got["champion_map_voc07"], got["writes"]) == ("4", 0.25, ["4"])
+    assert register.claim_alias(c, "m", "champion", _version(c, "m", run, "0.25"))["champion_version"] == "4"  # tie
+    assert register.claim_alias(c, "m", "champion", _version(c, "m", run, "nan"))["champion_version"] == "4"
+    assert register.claim_alias(c, "m", "champion", _version(c, "m", run, "0.3"))["champion_version"] == "7"
+
+    # a champion left behind by an older release (registered without a mAP) gives way to any mAP;
+    # one set by hand (no mAP tag, not registered by the stage) is left alone
+    c.create_registered_model("old")
+    c.set_registered_model_alias("old", "champion", _version(c, "old", run, None, **{"fssd.run_id": "r"}))
+    assert register.claim_alias(c, "old", "champion", _version(c, "old", run, "0.01"))["champion_version"] == "2"
+    c.create_registered_model("hand")
+    c.set_registered_model_alias("hand", "champion", _version(c, "hand", run, None))
+    got = register.claim_alias(c, "hand", "champion", _version(c, "hand", run, "0.9"))
+    assert got["pinned"] and got["champion_version"] == "1" and got["writes"] == []
+
+
+def test_a_stale_write_is_corrected(store):
+    """The race the re-check is for: P reads the registry, then Q creates a better version and
+    claims the alias, then P's write (decided on its stale read) lands. P must put Q's back."""
+    c = tracking.client(store["uri"])
+    c.create_registered_model("stale")
+    run = _cheap_run(c)
+    p_version = _version(c, "stale", run, "0.4")
+
+    class LateWriter:  # P's client: Q runs in full between P's read and P's first write
+        def __init__(self):
+            self.q = None
+
+        def __getattr__(self, attr):
+            return getattr(c, attr)
+
+        def set_registered_model_alias(self, name, alias, version):
+            if self.q is None:
+                self.q = register.claim_alias(c, name, alias, _version(c, name, run, "0.6"))
+            c.set_registered_model_alias(name, alias, version)
+
+    p_client = LateWriter()
+    got = register.claim_alias(p_client, "stale", "champion", p_version)
+    assert p_client.q["writes"] == ["2"] and p_client.q["champion_version"] == "2"
+    assert got["writes"] == ["1", "2"] and got["champion_version"] == "2" and got["rounds"] == 3
+    assert str(c.get_model_version_by_alias("stale", "champion").version) == "2"
+
+
+def test_register_without_a_map_takes_no_alias(store):
+    """The stage itself: the version gets test_map_voc07=nan and no alias, and a later one takes it."""
+    c = tracking.client(store["uri"])
+    params = load_params(REPO / "params.yaml", {
+        "data.root": str(store["root"] / "data"), "register.model_name": "fssd-nan", "mlflow.experiment": "fssd-test",
+    })
+    root = store["root"]
+    first = register.run_register(params, checkpoint=root / "fssd1.pt", eval_metrics={"map_voc07": float("nan")},
+                                  out=root / "nan1.json", train_metrics=root / "train.json")
+    assert first["version"] == 1 and not first["alias_moved"] and first["champion_version"] is None
+    assert "never becomes champion" in first["reason"]
+    assert c.get_model_version("fssd-nan", "1").tags["test_map_voc07"] == "nan"
+    assert "champion" not in (c.get_registered_model("fssd-nan").aliases or {})
+    second = register.run_register(params, checkpoint=root / "fssd2.pt", eval_metrics={"map_voc07": 0.01},
+                                   out=root / "nan2.json", train_metrics=root / "train.json")
+    assert second["version"] == 2 and second["alias_moved"] and second["champion_version"] == 2
+    assert second["alias_writes"] == [2]
+    assert str(c.get_model_version_by_alias("fssd-nan", "champion").version) == "2"
+
+
+# Two registrations at once against one `mlflow server`, as two stage processes would do it: each
+# child creates a version with its mAP tag in the create call (as run_register does) and then runs
+# claim_alias. The parent releases both children together (a barrier): in even rounds just before
+# the alias decision (both versions exist), in odd rounds just before the version is created (so
+# one child may decide before the other's version exists: the case the re-check is for).
+_RACER = r"""
+import json, sys
+from pipeline import register, tracking
+
+client = tracking.client(sys.stdin.readline().strip())  # the server's URL: imports overlap its start
+version = None
+for line in sys.stdin:
+    cmd = json.loads(line)
+    if "map" in cmd:
+        version = str(client.create_model_version(
+            cmd["name"], f"runs:/{cmd['run']}/model", run_id=cmd["run"],
+            tags={"test_map_voc07": cmd["map"], "fssd.run_id": cmd["run"]}).version)
+    out = {"version": version}
+    if cmd["claim"]:
+        out.update(register.claim_alias(client, cmd["name"], "champion", version))
+    print(json.dumps(out), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_two_registrations_at_once_end_with_the_better_champion(tmp_path, mlflow_server):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    rounds = 20
+    started = time.monotonic()
+    # no MLflow telemetry (its thread sets an environment variable while requests iterates
+    # os.environ) and no server job runner (8 more processes importing mlflow: the server starts
+    # minutes later on a busy 2-core machine)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_DISABLE_TELEMETRY": "true",
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    racers = [subprocess.Popen([sys.executable, "-c", _RACER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True, cwd=tmp_path, env=env) for _ in range(2)]
+
+    def together(cmds: list) -> list[dict]:
+        for p, cmd in zip(racers, cmds):  # both commands go out before either answer is read
+            p.stdin.write((cmd if isinstance(cmd, str) else json.dumps(cmd)) + "\n")
+            p.stdin.flush()
+        return [json.loads(p.stdout.readline()) for p in racers] if not isinstance(cmds[0], str) else []
+
+    try:
+        with mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "mlartifacts", tmp_path, env) as base:
+            server_up = time.monotonic()
+            together([base, base])
+            c = tracking.client(base)
+            run = _cheap_run(c)
+            plan = []
+            for r in range(rounds):
+                name = f"race-{r}"
+                c.create_registered_model(name)
+                maps = ("0.6", "0.4") if r % 2 else ("0.4", "0.6")  # either racer holds the better model
+                old = None
+                if r % 4 >= 2:  # half the rounds start with a champion that both racers beat (0.3) or one (0.5)
+                    old = _version(c, name, run, "0.3" if r % 4 == 2 else "0.5", **{"fssd.run_id": "old"})
+                    c.set_registered_model_alias(name, "champion", old)
+                plan.append((r, name, maps, old))
+
+            writes = corrected = 0
+            set_up = time.monotonic()
+            for r, name, maps, old in plan:
+                create = [{"name": name, "run": run, "map": m} for m in maps]
+                if r % 2 == 0:  # barrier just before the alias decision
+                    together([{**cmd, "claim": False} for cmd in create])
+                    results = together([{"name": name, "claim": True} for _ in maps])
+                else:  # barrier just before the version is created
+                    results = together([{**cmd, "claim": True} for cmd in create])
+                better = results[maps.index("0.6")]["version"]
+                champion = str(c.get_model_version_by_alias(name, "champion").version)
+                assert champion == better, (r, maps, old, results)
+                assert all(res["champion_version"] == better for res in results), (r, results)
+                writes += sum(len(res["writes"]) for res in results)
+                corrected += sum(res["rounds"] > 2 for res in results)
+    finally:
+        for p in racers:
+            p.stdin.close()
+        for p in racers:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    print(f"{rounds} rounds: {writes} alias writes, {corrected} claims corrected the alias after a write; "
+          f"server up in {server_up - started:.0f} s, set up {set_up - server_up:.0f} s, "
+          f"rounds {time.monotonic() - set_up:.0f} s")
