@@ -53,7 +53,8 @@ base64 strings are accepted too, as JSON serving sends them) or RGB ``uint8`` ar
 Called directly (``model.unwrap_python_model().predict(None, images)``) it also takes a list of
 such images. Optional param ``score_threshold``.
 Output: a DataFrame with one row per detection: ``image_index`` (row of the input), ``label``
-(1..K), ``name``, ``score``, ``x1``, ``y1``, ``x2``, ``y2`` (pixels of that image).
+(1..K), ``category_id`` (the dataset's own id of that class), ``name``, ``score``, ``x1``, ``y1``,
+``x2``, ``y2`` (pixels of that image).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ __all__ = [
     "add_cli",
 ]
 
-OUTPUT_COLUMNS = ("image_index", "label", "name", "score", "x1", "y1", "x2", "y2")
+OUTPUT_COLUMNS = ("image_index", "label", "category_id", "name", "score", "x1", "y1", "x2", "y2")
 CHECKPOINT_ARTIFACT = "checkpoint"
 MAP_TAG = "test_map_voc07"
 RUN_TAG = "fssd.run_id"  # every version this stage registers carries it
@@ -163,6 +164,7 @@ def detections_frame(detections: list[dict[str, Any]]):
         n = len(boxes)
         cols["image_index"].extend([i] * n)
         cols["label"].extend(int(v) for v in det["labels"])
+        cols["category_id"].extend(int(v) for v in det.get("category_ids", det["labels"]))
         cols["name"].extend(str(v) for v in det["names"])
         cols["score"].extend(float(v) for v in det["scores"])
         for j, c in enumerate(("x1", "y1", "x2", "y2")):
@@ -170,6 +172,7 @@ def detections_frame(detections: list[dict[str, Any]]):
     return pd.DataFrame({
         "image_index": np.asarray(cols["image_index"], dtype=np.int64),
         "label": np.asarray(cols["label"], dtype=np.int64),
+        "category_id": np.asarray(cols["category_id"], dtype=np.int64),
         "name": pd.Series(cols["name"], dtype=object),
         **{c: np.asarray(cols[c], dtype=np.float64) for c in ("score", "x1", "y1", "x2", "y2")},
     })
@@ -244,6 +247,7 @@ def model_signature(score_threshold: float):
     outputs = Schema([
         ColSpec(DataType.long, "image_index"),
         ColSpec(DataType.long, "label"),
+        ColSpec(DataType.long, "category_id"),
         ColSpec(DataType.string, "name"),
         *[ColSpec(DataType.double, c) for c in ("score", "x1", "y1", "x2", "y2")],
     ])
