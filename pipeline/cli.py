@@ -93,8 +93,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import make_job, run_training
-
     tuned = _tuned_overrides(args)
     params = _params(args, tuned)
     if tuned:
@@ -104,10 +102,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         init = json.loads(Path(args.tuned).read_text()).get("checkpoint")
     # Ray workers run elsewhere: the checkpoint path must be absolute.
     init_path = str(Path(init).resolve()) if init and Path(init).is_file() else None
+    from .job import make_job  # no torch: a job that cannot run is refused before torch and Ray load
+
     job = make_job(params, init_checkpoint=init_path)
     if args.test_kill_at_epoch is not None:
         job.test_kill_at_epoch = args.test_kill_at_epoch
         job.test_kill_marker = str(Path(args.test_kill_marker).resolve())
+    from .train import run_training
+
     metrics = run_training(params, model_out=Path(args.model_out), metrics_out=Path(args.metrics_out), job=job)
     print(json.dumps(metrics, indent=2))
     return 0
@@ -192,17 +194,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The errors the stages raise on purpose: :class:`pipeline.errors.UserError` (download,
+    archive, conversion, job, init, search, detect), ``fssd.config.ConfigError`` (params, search
+    space) and the library's checkpoint and weights errors. Those two modules load torch, so their
+    classes are looked up only when they were imported: an error of a module that was never
+    imported cannot have been raised."""
     from fssd.config import ConfigError
 
+    from .errors import UserError
+
+    found: list[type[BaseException]] = [UserError, ConfigError]
+    for module, name in (("fssd.checkpoint", "CheckpointError"), ("fssd.weights", "WeightsError")):
+        if module in sys.modules:
+            found.append(getattr(sys.modules[module], name))
+    return tuple(found)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. An error raised on purpose (:func:`_user_errors`) ends in one line,
+    ``fssd <command>: error: <message>``, and exit status 2; anything else is a bug and keeps its
+    traceback (exit status 1). ``FSSD_DEBUG=1`` shows the traceback of both."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as e:
-        if os.environ.get("FSSD_DEBUG"):
+    except Exception as e:
+        if not isinstance(e, _user_errors()) or os.environ.get("FSSD_DEBUG", "") not in ("", "0"):
             raise
-        print(f"fssd {args.command}: error: {e}", file=sys.stderr)
+        print(f"fssd {args.command}: error: {e}", file=sys.stderr, flush=True)
         return 2
 
 

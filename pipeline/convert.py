@@ -54,6 +54,8 @@ import defusedxml
 import defusedxml.ElementTree as DET
 from xml.etree.ElementTree import ParseError
 
+from .errors import UserError
+
 __all__ = [
     "VOC_CLASSES",
     "DATASET_KINDS",
@@ -110,7 +112,7 @@ _MAX_XML_BYTES = 4 << 20  # a VOC annotation is a few KB; refuse anything absurd
 _VOC_SUPERCATEGORY = "none"
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """The raw data cannot be converted (missing tree, too many bad images, empty split)."""
 
 
@@ -878,7 +880,7 @@ def _split_plan(kind: str, raw_dir: Path) -> tuple[tuple[str, ...], dict[str, tu
     """classes (() for COCO) and, per split, ('voc', sets), ('coco', (ann_file, image_dir)) or
     :data:`HOLD_OUT` (val only)."""
     if kind == "synthetic":
-        from fssd.data.synthetic import CLASSES
+        from fssd.data.scene_spec import CLASSES
 
         d = _find_dir(
             [raw_dir / "synthetic"], "ImageSets/Main", "the synthetic dataset",

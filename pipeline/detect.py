@@ -33,12 +33,14 @@ from pathlib import Path
 from typing import Any, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
+from .errors import UserError
+
 __all__ = ["ModelLoadError", "load_predictor", "detect_files", "add_cli", "main"]
 
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError, ValueError):
     """The model path or URI cannot be loaded; the message names it and says what to pass."""
 
 
@@ -88,10 +90,10 @@ def load_predictor(
 
     Raises :class:`ModelLoadError` naming ``model`` when it cannot be loaded.
     """
-    from fssd.checkpoint import CheckpointError
-    from fssd.predictor import Predictor
-
     def build(path: Path):
+        from fssd.checkpoint import CheckpointError  # torch loads here, once a model file was found
+        from fssd.predictor import Predictor
+
         try:
             return Predictor.from_checkpoint(path, device=device, **overrides)
         except CheckpointError as e:

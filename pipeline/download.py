@@ -27,8 +27,10 @@ This is library code for the ``download`` stage: every function takes explicit, 
   into place. A stamp in the destination makes a repeated extraction of the same archive a no-op.
 * :func:`download_all` fetches a list of sources and extracts those marked ``extract=True``.
 
-Every failure ends in :class:`DownloadError` (a ``RuntimeError``) or :class:`UnsafeArchiveError`
-(a ``ValueError``) whose message names the source or archive, says what went wrong and what to do.
+Every failure ends in :class:`DownloadError` (a ``RuntimeError``), :class:`UnsafeArchiveError`
+(a ``ValueError``), an ``InputError`` (a ``ValueError``: a bad source, a corrupt archive) or
+:class:`NoSpaceError` (an ``OSError``), all :class:`pipeline.errors.UserError`, whose message names
+the source or archive, says what went wrong and what to do.
 Credentials never appear in messages: user-info and secret-looking query parameters are removed
 from URLs before they are shown, and S3 errors are reported by their error code only.
 """
@@ -59,9 +61,12 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .errors import InputError, UserError
+
 __all__ = [
     "ARCHIVE_SUFFIXES",
     "DownloadError",
+    "NoSpaceError",
     "Source",
     "UnsafeArchiveError",
     "download_all",
@@ -109,7 +114,7 @@ _S3_MULTIPART_BYTES = 64 << 20
 # errors and small helpers
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError, RuntimeError):
     """A source could not be fetched or verified.
 
     The message names the (redacted) source URL, the reason and the fix. ``url`` holds the
@@ -125,11 +130,15 @@ class DownloadError(RuntimeError):
         return (type(self), (self.args[0], self.url))
 
 
-class UnsafeArchiveError(ValueError):
+class UnsafeArchiveError(UserError, ValueError):
     """An archive holds an entry that could write outside the destination (or a device/FIFO).
 
     Raised before anything is written; the message names the archive and the offending entry.
     """
+
+
+class NoSpaceError(UserError, OSError):
+    """Not enough free space to extract an archive (``errno.ENOSPC``); nothing was written."""
 
 
 class _Retryable(Exception):
@@ -181,31 +190,31 @@ def _url_scheme(url: str) -> str:
 def _check_url(url: str) -> str:
     """Validate ``url`` (scheme and shape) and return its scheme; ``ValueError`` otherwise."""
     if not isinstance(url, str) or not url.strip():
-        raise ValueError(f"source url must be a non-empty string, got {url!r}")
+        raise InputError(f"source url must be a non-empty string, got {url!r}")
     shown = redact_url(url)
     scheme = _url_scheme(url)
     if scheme not in (*_ALLOWED_SCHEMES, ""):
-        raise ValueError(
+        raise InputError(
             f"source url {shown!r}: unsupported scheme {scheme!r}; use http://, https://, s3://, "
             "file:// or a plain file path"
         )
     parts = urllib.parse.urlsplit(url) if scheme else None
     if scheme in ("http", "https") and not parts.hostname:  # type: ignore[union-attr]
-        raise ValueError(f"source url {shown!r}: no host name")
+        raise InputError(f"source url {shown!r}: no host name")
     if scheme == "s3":
         bucket, key = parts.netloc, parts.path.lstrip("/")  # type: ignore[union-attr]
         if not bucket or not key or key.endswith("/"):
-            raise ValueError(
+            raise InputError(
                 f"source url {shown!r}: expected s3://<bucket>/<key> naming one object"
             )
     if scheme == "file":
         if parts.netloc not in ("", "localhost"):  # type: ignore[union-attr]
-            raise ValueError(
+            raise InputError(
                 f"source url {shown!r}: file URLs must be absolute (file:///abs/path/file); "
                 "for a path relative to the working directory write it without 'file://'"
             )
         if not parts.path:  # type: ignore[union-attr]
-            raise ValueError(f"source url {shown!r}: no path")
+            raise InputError(f"source url {shown!r}: no path")
     return scheme
 
 
@@ -324,7 +333,7 @@ class Source:
         scheme = _check_url(self.url)
         shown = redact_url(self.url)
         if isinstance(self.mirrors, str):
-            raise ValueError(f"source {shown!r}: mirrors must be a list of URLs, not a string")
+            raise InputError(f"source {shown!r}: mirrors must be a list of URLs, not a string")
         mirrors = tuple(self.mirrors)
         for mirror in mirrors:
             _check_url(mirror)
@@ -335,10 +344,10 @@ class Source:
             if value is None:
                 continue
             if not isinstance(value, str):
-                raise ValueError(f"source {shown!r}: {algorithm} must be a hex string, got {value!r}")
+                raise InputError(f"source {shown!r}: {algorithm} must be a hex string, got {value!r}")
             value = value.strip().lower()
             if len(value) != length or not _HEX_RE.fullmatch(value):
-                raise ValueError(
+                raise InputError(
                     f"source {shown!r}: {algorithm} must be {length} hexadecimal digits, "
                     f"got {value!r}"
                 )
@@ -347,16 +356,16 @@ class Source:
         given = [a for a in _DIGEST_LENGTHS if getattr(self, a) is not None]
         remote = scheme in _REMOTE_SCHEMES or any(_url_scheme(m) in _REMOTE_SCHEMES for m in mirrors)
         if remote and len(given) != 1:
-            raise ValueError(
+            raise InputError(
                 f"source {shown!r}: give exactly one of sha256 or md5 "
                 f"(got {'both' if given else 'neither'}); remote downloads are verified by "
                 "checksum. Compute it from a trusted copy with `sha256sum FILE`."
             )
         if len(given) > 1:
-            raise ValueError(f"source {shown!r}: give at most one of sha256 or md5, not both")
+            raise InputError(f"source {shown!r}: give at most one of sha256 or md5, not both")
 
         if not isinstance(self.extract, bool):
-            raise ValueError(f"source {shown!r}: extract must be true or false, got {self.extract!r}")
+            raise InputError(f"source {shown!r}: extract must be true or false, got {self.extract!r}")
 
         filename = self.filename
         if filename is None:
@@ -366,19 +375,19 @@ class Source:
             not isinstance(filename, str) or filename in ("", ".", "..")
             or "/" in filename or "\\" in filename or "\x00" in filename
         ):
-            raise ValueError(
+            raise InputError(
                 f"source {shown!r}: cannot use {filename!r} as the file name in the downloads "
                 "directory; set `filename` to a plain name such as 'data.tar.gz'"
             )
         if filename.endswith((PART_SUFFIX, STAMP_SUFFIX)):
-            raise ValueError(
+            raise InputError(
                 f"source {shown!r}: file name {filename!r} ends in a suffix reserved for "
                 f"partial downloads/stamps ({PART_SUFFIX}, {STAMP_SUFFIX}); choose another"
             )
         object.__setattr__(self, "filename", filename)
 
         if self.extract and _archive_kind(filename) is None:
-            raise ValueError(
+            raise InputError(
                 f"source {shown!r}: extract is true but {filename!r} is not a supported archive "
                 f"({', '.join(ARCHIVE_SUFFIXES)}); set `filename` with the right ending or "
                 "set extract to false"
@@ -390,7 +399,7 @@ class Source:
                 not parts or not sub.strip() or sub.startswith(("/", "\\"))
                 or _DRIVE_RE.match(sub) or ".." in parts
             ):
-                raise ValueError(
+                raise InputError(
                     f"source {shown!r}: extract_to must be a relative sub-directory without "
                     f"'..', got {sub!r}"
                 )
@@ -422,20 +431,20 @@ class Source:
         path such as ``"data.sources[0]"``); a list of mirrors is accepted.
         """
         if not isinstance(data, Mapping):
-            raise ValueError(f"{where}: expected a mapping with at least 'url', got {data!r}")
+            raise InputError(f"{where}: expected a mapping with at least 'url', got {data!r}")
         allowed = [f.name for f in fields(cls)]
         unknown = sorted(set(data) - set(allowed))
         if unknown:
-            raise ValueError(f"{where}: unknown key(s) {unknown}; allowed keys: {allowed}")
+            raise InputError(f"{where}: unknown key(s) {unknown}; allowed keys: {allowed}")
         if "url" not in data:
-            raise ValueError(f"{where}: missing required key 'url'")
+            raise InputError(f"{where}: missing required key 'url'")
         kwargs = dict(data)
         if isinstance(kwargs.get("mirrors"), list):
             kwargs["mirrors"] = tuple(kwargs["mirrors"])
         try:
             return cls(**kwargs)
         except ValueError as exc:
-            raise ValueError(f"{where}: {exc}") from None
+            raise InputError(f"{where}: {exc}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -1250,7 +1259,7 @@ def _check_space(archive: Path, dest: Path, needed: int) -> None:
     except OSError:
         return
     if needed > free:
-        raise OSError(
+        raise NoSpaceError(
             errno.ENOSPC,
             f"extracting {archive} needs {_human(needed)} but only {_human(free)} are free on "
             f"{existing}; free some space or point the data root (data.root) at a bigger disk",
@@ -1321,12 +1330,12 @@ def safe_extract(archive: Path, dest: Path, *, progress: bool | None = None) -> 
     archive, dest = Path(archive), Path(dest)
     kind = _archive_kind(archive.name)
     if kind is None:
-        raise ValueError(
+        raise InputError(
             f"cannot extract {archive}: unsupported archive type; supported endings: "
             f"{', '.join(ARCHIVE_SUFFIXES)}"
         )
     if not archive.is_file():
-        raise ValueError(f"cannot extract {archive}: no such file")
+        raise InputError(f"cannot extract {archive}: no such file")
     identity = _archive_identity(archive)
     done = _already_extracted(archive, dest, identity)
     if done is not None:
@@ -1339,7 +1348,7 @@ def safe_extract(archive: Path, dest: Path, *, progress: bool | None = None) -> 
         else:
             rel_files = _extract_tar(archive, dest)
     except (tarfile.TarError, zipfile.BadZipFile, EOFError) as exc:
-        raise ValueError(
+        raise InputError(
             f"cannot extract {archive}: the archive is corrupt or not a {kind} file ({exc}); "
             "delete it and its .verified stamp and download it again"
         ) from None
@@ -1436,7 +1445,7 @@ def download_all(
     seen: dict[str, str] = {}
     for s in sources:
         if s.filename in seen:
-            raise ValueError(
+            raise InputError(
                 f"sources {redact_url(seen[str(s.filename)])!r} and {redact_url(s.url)!r} would "
                 f"both be saved as {s.filename!r}; give one of them another `filename`"
             )

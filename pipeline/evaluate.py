@@ -416,6 +416,12 @@ def run_evaluate(
         num_workers: DataLoader processes (default ``train.loader_workers``).
         speed_batch_sizes, speed_min_seconds: the speed measurement (:func:`measure_speed`).
     """
+    from .errors import MissingFileError
+
+    # the inputs that earlier stages write, checked before torch loads
+    if not Path(checkpoint).is_file():
+        raise MissingFileError(f"checkpoint {checkpoint} does not exist; run the train stage first "
+                               "(dvc repro train) or pass --checkpoint PATH")
     import torch
     from torch.utils.data import DataLoader
 

@@ -34,7 +34,7 @@ RESULT_NEUTRAL_TRAIN_KEYS = frozenset({
 })
 
 #: The modules of ``pipeline/`` whose code decides what a training run computes (beside all of ``fssd/``).
-TRAINING_MODULES = ("pipeline/train.py", "pipeline/params.py")
+TRAINING_MODULES = ("pipeline/train.py", "pipeline/job.py", "pipeline/params.py")
 
 
 def digest(payload: Any, length: int = 10) -> str:

@@ -24,6 +24,8 @@ import tempfile
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from .errors import InputError, MissingFileError
+
 __all__ = ["resolve_init", "REGISTRY_URI"]
 
 REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
@@ -44,7 +46,7 @@ def _check_sha256(path: Path, sha256: str | None, uri: str) -> None:
     want = sha256.strip().lower()
     got = _sha256(path)
     if got != want:
-        raise ValueError(
+        raise InputError(
             f"model.init {uri!r}: the checkpoint {path} has sha256 {got}, but model.init_sha256 is {want}; "
             "set model.init_sha256 to the checkpoint you mean (sha256sum FILE) or point model.init at it"
         )
@@ -70,7 +72,7 @@ def _from_registry(uri: str, name: str, alias: str | None, version: str | None, 
     shown = _redact(store)
     if store.startswith("sqlite:///") and not Path(store[len("sqlite:///"):]).is_file():
         # MLflow would create an empty store there; say where we looked instead
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"model.init {uri!r}: there is no MLflow store at {store[len('sqlite:///'):]}; run from the project "
             "root (where mlflow.db is), set mlflow.tracking_uri / MLFLOW_TRACKING_URI, or give a checkpoint path"
         )
@@ -81,7 +83,7 @@ def _from_registry(uri: str, name: str, alias: str | None, version: str | None, 
         root = c.get_model_version_download_uri(name, version).rstrip("/")
     except MlflowException as e:
         which = f"alias {alias!r}" if alias else f"version {version}"
-        raise ValueError(
+        raise InputError(
             f"model.init {uri!r}: the MLflow registry at {shown} has no {which} of model {name!r} ({e.message}); "
             "register the source model first (run its pipeline, e.g. configs/fssd300_coco.yaml, through "
             "`fssd register`) or fix the name/alias (the MLflow UI lists them)"
@@ -98,20 +100,20 @@ def _from_registry(uri: str, name: str, alias: str | None, version: str | None, 
             entry = arts.get(CHECKPOINT_ARTIFACT)
             rel = entry.get("path") if isinstance(entry, dict) else None
             if not rel:
-                raise ValueError(
+                raise InputError(
                     f"model.init {uri!r}: version {version} of {name!r} is not an FSSD model (its MLmodel has no "
                     f"{CHECKPOINT_ARTIFACT!r} artifact); point model.init at a model registered by `fssd register`"
                 )
             local = Path(mlflow.artifacts.download_artifacts(
                 artifact_uri=f"{root}/{rel}", dst_path=str(tmp / "ckpt"), tracking_uri=store))
         except MlflowException as e:
-            raise ValueError(f"model.init {uri!r}: cannot download version {version} of {name!r} from {shown}: "
+            raise InputError(f"model.init {uri!r}: cannot download version {version} of {name!r} from {shown}: "
                              f"{e.message}") from None
         except OSError as e:
-            raise ValueError(f"model.init {uri!r}: cannot download version {version} of {name!r} from {shown}: "
+            raise InputError(f"model.init {uri!r}: cannot download version {version} of {name!r} from {shown}: "
                              f"{e}") from None
         if not local.is_file():
-            raise ValueError(f"model.init {uri!r}: the checkpoint artifact of version {version} of {name!r} "
+            raise InputError(f"model.init {uri!r}: the checkpoint artifact of version {version} of {name!r} "
                              f"is not a file ({rel})")
         safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
         dest = workdir / f"{safe}-v{version}.pt"
@@ -143,20 +145,20 @@ def resolve_init(
         sha256: ``model.init_sha256``; required for s3/http(s), checked for the others when given.
 
     Raises:
-        FileNotFoundError: a local checkpoint (or the SQLite MLflow store) does not exist.
-        ValueError: no ``sha256`` for a remote file, a checksum mismatch, an unknown registry
+        MissingFileError: a local checkpoint (or the SQLite MLflow store) does not exist.
+        InputError: no ``sha256`` for a remote file, a checksum mismatch, an unknown registry
             model/alias/version, a registered model that is not an FSSD pyfunc, a bad URI.
         pipeline.download.DownloadError: a remote file could not be fetched.
     """
     if not isinstance(uri, str) or not uri.strip():
-        raise ValueError(f"model.init must be a checkpoint path, s3:// URI or models:/NAME@ALIAS, got {uri!r}")
+        raise InputError(f"model.init must be a checkpoint path, s3:// URI or models:/NAME@ALIAS, got {uri!r}")
     uri = uri.strip()
     workdir = Path(workdir)
 
     if uri.startswith("models:/"):
         m = REGISTRY_URI.match(uri)
         if not m:
-            raise ValueError(
+            raise InputError(
                 f"model.init {uri!r} is not a registry URI this pipeline reads; use models:/NAME@ALIAS "
                 "(e.g. models:/fssd-coco2017@champion) or models:/NAME/VERSION"
             )
@@ -166,7 +168,7 @@ def resolve_init(
 
     if uri.startswith(_REMOTE):
         if sha256 is None:
-            raise ValueError(
+            raise InputError(
                 f"model.init {_redact(uri)!r} is a remote file, so set model.init_sha256 to its SHA-256 "
                 "(`sha256sum FILE` of a trusted copy, or `aws s3 cp` it and hash it); remote files are verified"
             )
@@ -176,7 +178,7 @@ def resolve_init(
         return Path(fetch(source, workdir, s3_endpoint_url=s3_endpoint_url)).resolve()
 
     if "://" in uri and not uri.startswith("file://"):
-        raise ValueError(
+        raise InputError(
             f"model.init {_redact(uri)!r}: unsupported scheme; give a checkpoint path, s3://bucket/key "
             "(with model.init_sha256) or models:/NAME@ALIAS"
         )
@@ -184,7 +186,7 @@ def resolve_init(
     path = path.expanduser().resolve()
     if not path.is_file():
         what = "is a directory, not a checkpoint file" if path.is_dir() else "does not exist"
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"model.init {uri!r}: {path} {what}; give an FSSD checkpoint (the models/fssd.pt a training run "
             "writes), s3://bucket/key with model.init_sha256, or models:/NAME@ALIAS from the MLflow registry"
         )

@@ -65,7 +65,7 @@ class SyntheticParams:
     max_occlusion: float = 0.4
 
     def __post_init__(self) -> None:
-        from fssd.data.synthetic import check_scene_args
+        from fssd.data.scene_spec import check_scene_args
 
         try:
             check_scene_args(**self.scene_kwargs())

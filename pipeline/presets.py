@@ -19,6 +19,7 @@ by the same checksum).
 from __future__ import annotations
 
 from pipeline.download import Source
+from pipeline.errors import InputError
 
 __all__ = ["PRESETS", "preset_names", "resolve_preset"]
 
@@ -73,7 +74,7 @@ def resolve_preset(name: str) -> list[Source]:
     try:
         return list(PRESETS[name])
     except (KeyError, TypeError):
-        raise ValueError(
+        raise InputError(
             f"unknown dataset preset {name!r}; known presets: {', '.join(preset_names())} "
             "(or use 'custom' with data.sources)"
         ) from None

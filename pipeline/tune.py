@@ -37,6 +37,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import yaml
 
 from . import tracking
+from .errors import MissingFileError, UserError
 from .params import ParamsError, Params, add_params_args, apply_overrides, flatten, load_params, parse_set
 
 __all__ = [
@@ -72,7 +73,7 @@ _EPOCH_METRICS = ("loss", "loss_loc", "loss_conf", "lr", "images_per_second", "e
 _DONE = ("TERMINATED", "ERROR")
 
 
-class TuneSearchError(RuntimeError):
+class TuneSearchError(UserError, RuntimeError):
     """The search ran but produced no usable trial (every trial failed)."""
 
 
@@ -247,15 +248,15 @@ def search_name(params: Params) -> str:
     train and val data, code, the pretrained file's bytes), so a re-run resumes it and anything
     else starts a new search."""
     from .identity import code_digest, digest, file_digest, train_settings_identity
-    from .train import resolve_pretrained
+    from .job import resolve_pretrained
 
     d = params.to_dict()
     processed = Path(params.data.root) / "processed"
     try:
         data = [file_digest(processed / "train.json"), file_digest(processed / "val.json")]
     except FileNotFoundError:
-        raise FileNotFoundError(f"{processed}/train.json or val.json does not exist; run the convert stage first "
-                                "(dvc repro convert)") from None
+        raise MissingFileError(f"{processed}/train.json or val.json does not exist; run the convert stage first "
+                               "(dvc repro convert)") from None
     identity = {
         "seed": d["seed"],
         "data": {"dataset": d["data"]["dataset"], "splits": data},
@@ -272,7 +273,7 @@ def search_name(params: Params) -> str:
 
 def require_validation_split(params: Params) -> None:
     """A search chooses on validation data: refuse to start without a validation split."""
-    from .train import count_images
+    from .job import count_images
 
     val = Path(params.data.root) / "processed" / "val.json"
     if val.is_file() and count_images(val) == 0:
@@ -640,15 +641,21 @@ def plot_scores(rows: Sequence[dict[str, Any]], keys: Sequence[str], out: Path, 
 # --------------------------------------------------------------------------------------------
 
 
-def _search_alg(params: Params, max_concurrent: int = 0) -> tuple[Any, int | None]:
-    """(search algorithm, TuneConfig.max_concurrent_trials). Tune applies max_concurrent_trials to
-    Searchers (Optuna) only; the variant generator (random and grid search) takes it itself."""
+def _check_search_backend(params: Params) -> None:
+    """``tune.search: optuna`` needs Optuna: say so before anything starts (and before Ray loads)."""
     if params.tune.search == "optuna":
         try:
             import optuna  # noqa: F401
         except ImportError:
             raise ParamsError("tune.search is 'optuna' but optuna is not installed; add it with "
                               "`uv add optuna` (or `uv sync --extra optuna`), or use tune.search: random") from None
+
+
+def _search_alg(params: Params, max_concurrent: int = 0) -> tuple[Any, int | None]:
+    """(search algorithm, TuneConfig.max_concurrent_trials). Tune applies max_concurrent_trials to
+    Searchers (Optuna) only; the variant generator (random and grid search) takes it itself."""
+    _check_search_backend(params)
+    if params.tune.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
         return OptunaSearch(seed=params.seed), (max_concurrent or None)
@@ -696,10 +703,10 @@ def run_search(
     it was started with (Ray Tune restores them from the experiment directory)."""
     started = time.time()
     params, entries = validate_space(params_path, overrides)
-    _search_alg(params)  # fails early when optuna is missing
+    _check_search_backend(params)
     require_validation_split(params)
     if params.model.init:  # fetched once here (models:/, s3://); every trial starts from the local file
-        from .train import resolve_model_init
+        from .job import resolve_model_init
 
         overrides = {**dict(overrides or {}), "model.init": resolve_model_init(params), "model.init_sha256": None}
         params = load_params(params_path, overrides)
@@ -880,13 +887,11 @@ def handler(args: argparse.Namespace) -> int:
         atomic_write_json(Path(args.metrics_out), {"trials": [], "best": None, "skipped": reason, "seconds": 0.0})
         print(f"[fssd] tune: skipped ({reason})")
         return 0
-    try:
-        summary = run_search(args.params, overrides, best_out=Path(args.best_out),
-                             checkpoint_out=Path(args.checkpoint_out), metrics_out=Path(args.metrics_out),
-                             plot_out=Path(args.plot_out) if args.plot_out else None)
-    except TuneSearchError as e:
-        print(f"fssd tune: error: {e}", file=sys.stderr)
-        return 1
+    # a bad space (ParamsError) or a search without a usable trial (TuneSearchError) ends in
+    # pipeline.cli.main's one-line message
+    summary = run_search(args.params, overrides, best_out=Path(args.best_out),
+                         checkpoint_out=Path(args.checkpoint_out), metrics_out=Path(args.metrics_out),
+                         plot_out=Path(args.plot_out) if args.plot_out else None)
     if summary["interrupted"]:
         return 130
     print(json.dumps(summary["best"], indent=2))

@@ -39,10 +39,10 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-__all__ = ["CLASSES", "check_scene_args", "generate_scenes", "write_scenes_archive"]
+# no numpy, no OpenCV: params validation and convert use these without loading either
+from .scene_spec import CLASSES, check_scene_args
 
-#: Shape classes, in the order of their contiguous category ids 1..K.
-CLASSES: tuple[str, ...] = ("circle", "cross", "ellipse", "hexagon", "square", "star", "triangle")
+__all__ = ["CLASSES", "check_scene_args", "generate_scenes", "write_scenes_archive"]
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
@@ -390,19 +390,16 @@ def _generate_range(
 
 
 # Worker processes. Not multiprocessing: fork deadlocks once the parent has used OpenCV's thread
-# pool (and is unsafe with torch threads), and spawn re-imports ``fssd`` (so torch, seconds per
-# worker) and ``__main__``. A worker is a fresh interpreter that loads this file alone, as a
-# module of its own name, and writes its summary as JSON.
+# pool (and is unsafe with torch threads), and spawn re-imports ``__main__``. A worker is a fresh
+# interpreter that imports this module from the same package directory (``import fssd`` loads no
+# torch) and writes its summary as JSON.
 _WORKER_CODE = (
     "import sys\n"
     "if sys.path and sys.path[0] == '':\n"
     "    sys.path.pop(0)\n"  # the cwd, put there by -c: local files must not shadow imports
-    "import importlib.util as u\n"
-    "spec = u.spec_from_file_location('_fssd_synthetic_worker', sys.argv[1])\n"
-    "mod = u.module_from_spec(spec)\n"
-    "sys.modules[spec.name] = mod\n"
-    "spec.loader.exec_module(mod)\n"
-    "mod._worker_main(sys.argv[2])\n"
+    "sys.path.insert(0, sys.argv[1])\n"  # the directory holding this fssd package
+    "from fssd.data.synthetic import _worker_main\n"
+    "_worker_main(sys.argv[2])\n"
 )
 
 
@@ -433,7 +430,8 @@ def _run_workers(
                 "params": asdict(params),
                 "summary_path": str(summary_path),
             }
-            cmd = [sys.executable, "-c", _WORKER_CODE, os.path.abspath(__file__), json.dumps(job)]
+            package_parent = str(Path(__file__).resolve().parents[2])
+            cmd = [sys.executable, "-c", _WORKER_CODE, package_parent, json.dumps(job)]
             procs.append(
                 (subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), summary_path)
             )
@@ -502,21 +500,6 @@ def _validate(
     if difficult_side_px < 0:
         raise ValueError(f"difficult_side_px must be >= 0, got {difficult_side_px}")
     check_scene_args(objects_per_image, object_size_range, max_occlusion)
-
-
-def check_scene_args(
-    objects_per_image: tuple[int, int], object_size_range: tuple[float, float], max_occlusion: float
-) -> None:
-    """Raise ``ValueError`` naming the argument when a scene knob of :func:`generate_scenes` is invalid."""
-    lo, hi = objects_per_image
-    if not (1 <= lo <= hi <= 127):
-        raise ValueError(f"objects_per_image must satisfy 1 <= min <= max <= 127, got {list(objects_per_image)}")
-    flo, fhi = object_size_range
-    if not (0 < flo <= fhi <= 1.5):
-        raise ValueError(f"object_size_range must satisfy 0 < min <= max <= 1.5 (fractions of the shorter "
-                         f"image side), got {list(object_size_range)}")
-    if not (0.0 <= max_occlusion < 1.0):
-        raise ValueError(f"max_occlusion must be in [0, 1), got {max_occlusion}")
 
 
 def generate_scenes(

@@ -31,44 +31,17 @@ from __future__ import annotations
 import numbers
 import os
 import random
-import sys
 from collections.abc import Sequence
-from types import ModuleType
 from typing import Any
 
 import cv2
 import numpy as np
 
+# albumentations 2 asks PyPI for a newer version at import (2 s timeout, a warning when offline)
+# unless NO_ALBUMENTATIONS_UPDATE is set; a library that DataLoader and Ray workers import must not.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-def _import_albumentations() -> ModuleType:
-    """Import albumentations without its network call and without pulling in ``yaml``.
-
-    * albumentations 2 asks PyPI for a newer version at import (2 s timeout, a warning when
-      offline) unless ``NO_ALBUMENTATIONS_UPDATE`` is set; a library that DataLoader and Ray
-      workers import must not do that, so it is set here unless the user chose a value.
-    * ``albumentations.core.serialization`` imports ``yaml`` if it can, only for its YAML
-      (de)serialisation, which we never use. ``fssd`` must not import ``yaml`` (the boundary test
-      checks ``sys.modules``), so the import is blocked for the duration of albumentations' own
-      import when nothing imported ``yaml`` before. If ``yaml`` is already loaded nothing changes.
-    """
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    import torch  # noqa: F401  (heavy; loaded first so that the window with `yaml` blocked is short)
-
-    if "albumentations" in sys.modules or "yaml" in sys.modules:
-        import albumentations
-
-        return albumentations
-    sys.modules["yaml"] = None  # type: ignore[assignment]  # makes `import yaml` raise ImportError
-    try:
-        import albumentations
-    finally:
-        if "yaml" in sys.modules and sys.modules["yaml"] is None:
-            del sys.modules["yaml"]
-    return albumentations
-
-
-_import_albumentations()
-import albumentations as A  # noqa: E402  (already loaded above; this binds the name for readers and type checkers)
+import albumentations as A  # noqa: E402  (after the variable above)
 from albumentations.pytorch import ToTensorV2  # noqa: E402
 
 __all__ = [

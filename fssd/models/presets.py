@@ -1,12 +1,18 @@
-"""Named FSSD configurations: the paper's FSSD300/FSSD512 on VGG16 and a CPU-sized lite model."""
+"""Named FSSD configurations: the paper's FSSD300/FSSD512 on VGG16 and a CPU-sized lite model.
+
+The tables and :func:`preset_config` need no torch (params validation uses them); building a
+network imports it.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import ConfigError, DetectorConfig, ModelConfig, PriorConfig
-from .fssd import FSSD
+
+if TYPE_CHECKING:
+    from .fssd import FSSD
 
 __all__ = ["PRESETS", "preset_config", "build_fssd", "build_detector"]
 
@@ -88,6 +94,8 @@ def preset_config(preset: str, num_classes: int, **overrides: Any) -> DetectorCo
 
 def build_detector(config: DetectorConfig) -> FSSD:
     """Build the network described by a :class:`DetectorConfig` (e.g. from a checkpoint)."""
+    from .fssd import FSSD
+
     return FSSD(config.model, config.priors)
 
 

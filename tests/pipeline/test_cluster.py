@@ -35,10 +35,12 @@ def two_node_cluster(free_port):
     # runtime_resources directory that holds the job's working_dir.
     temps = [tempfile.mkdtemp(prefix="rc", dir="/tmp") for _ in range(2)]
     port, dash = free_port(), free_port()
-    # Ray 2.60 clusters use token authentication: every node and client shares ~/.ray/auth_token.
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_AUTH_MODE": "token"}
-    env.pop("RAY_ADDRESS", None)
+    # Exactly the README's set-up, no more: the venv's bin on PATH (`source .venv/bin/activate`),
+    # RAY_AUTH_MODE=token on every "machine" (head, worker, submitter: here one environment) and
+    # the token in ~/.ray/auth_token, made by `ray get-auth-token --generate` (all nodes share it here).
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
+    for var in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):  # nothing from the outside
+        env.pop(var, None)
     if not (Path.home() / ".ray" / "auth_token").is_file():
         _run([BIN / "ray", "get-auth-token", "--generate"], env)
     common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
