@@ -1131,7 +1131,8 @@ def _image_finder(data_root: Path, dirs: Sequence[Path]) -> Any:
         for c in candidates:
             if c.is_file():
                 return _rel(data_root, c)
-        return _rel(data_root, candidates[0])
+        # not found: report where it was expected first (the image folder, else beside the annotation)
+        return _rel(data_root, dirs[0] / names[0] if dirs else beside / PurePosixPath(names[0]).name)
     return find
 
 
