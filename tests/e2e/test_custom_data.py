@@ -64,9 +64,10 @@ def _repro(clone, overrides):
 
 
 def _detect(clone, model, image):
-    out = _run([BIN / "fssd", "detect", str(image), "--model", model, "--score-threshold", "0.0"],
-               clone["dir"], clone["env"])
-    return json.loads(out[out.index("["):out.rindex("]") + 1])
+    out = subprocess.run([BIN / "fssd", "detect", str(image), "--model", model, "--score-threshold", "0.0"],
+                         cwd=clone["dir"], env=clone["env"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)["images"]
 
 
 def _check_run(clone, model_name, classes):
