@@ -1059,14 +1059,18 @@ def convert_dataset(
             errors.append(str(exc))
         if results[split][0]["categories"] != categories:
             errors.append(f"split {split!r} has other categories than train")
-    errors += _overlaps(results)
+    return _write_splits(out_dir, results, report, errors + _overlaps(results))
+
+
+def _write_splits(out_dir: Path, results: Mapping[str, tuple[dict, ConvertReport]], report: dict[str, Any],
+                  errors: list[str]) -> dict[str, Any]:
+    """Write the split files and report.json, or, when there are errors, only report.failed.json
+    (the previous outputs stay as they are) and raise :class:`ConversionError`."""
     if errors:
         report["ok"] = False
         report["errors"] = errors
         write_json_atomic(out_dir / "report.failed.json", report)
-        raise ConversionError(
-            " | ".join(errors) + f" (full report: {out_dir / 'report.failed.json'})"
-        )
+        raise ConversionError(" | ".join(errors) + f" (full report: {out_dir / 'report.failed.json'})")
     report["ok"] = True
     for split in SPLITS:
         write_json_atomic(out_dir / f"{split}.json", results[split][0])
@@ -1340,15 +1344,4 @@ def convert_custom(
             results[split][1].check(max_bad_fraction)
         except ConversionError as exc:
             errors.append(str(exc))
-    errors += _overlaps(results)
-    if errors:
-        report["ok"] = False
-        report["errors"] = errors
-        write_json_atomic(out_dir / "report.failed.json", report)
-        raise ConversionError(" | ".join(errors) + f" (full report: {out_dir / 'report.failed.json'})")
-    report["ok"] = True
-    for split in SPLITS:
-        write_json_atomic(out_dir / f"{split}.json", results[split][0])
-    write_json_atomic(out_dir / "report.json", report)
-    (out_dir / "report.failed.json").unlink(missing_ok=True)
-    return report
+    return _write_splits(out_dir, results, report, errors + _overlaps(results))
