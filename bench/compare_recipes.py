@@ -12,6 +12,7 @@ It measures learning, not speed; the defaults match the short-run evidence behin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import time
@@ -59,13 +60,12 @@ def main() -> None:
     train_json, val_json = root / "processed" / "train.json", root / "processed" / "val.json"
     names, cat_ids = read_categories(train_json)
     tp = params.train
-    torch.set_num_threads(torch.get_num_threads())
     rows = []
     for variant in args.variants.split(","):
         difficult, init = variant.split("/")
         torch.manual_seed(params.seed)
         cfg = detector_config(params, num_classes=len(names) + 1)
-        cfg = type(cfg)(**{**cfg.__dict__, "model": type(cfg.model)(**{**cfg.model.__dict__, "weight_init": init})})
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weight_init=init))
         model = build_detector(cfg).to(memory_format=torch.channels_last)
         m = cfg.model
         ds = DetectionDataset(train_json, root, augmentation(tp.augment, m.input_size, m.image_mean, m.image_std),
